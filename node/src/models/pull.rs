@@ -169,9 +169,13 @@ pub fn pull(entry: &CatalogEntry, home: &Path, opts: &PullOptions) -> Result<Pul
     std::fs::create_dir_all(&dir)
         .map_err(|e| ModelsError::Io(format!("cannot create {}: {e}", dir.display())))?;
     // One pull per model at a time, across processes: concurrent pulls of the
-    // same model would write the same partial file. The lock ends with the file.
+    // same model would write the same partial file. The lock ends with the file;
+    // lock files live beside the cache, so a failed pull leaves nothing in it.
+    let locks = home.join("locks");
+    std::fs::create_dir_all(&locks)
+        .map_err(|e| ModelsError::Io(format!("cannot create {}: {e}", locks.display())))?;
     let lock =
-        File::create(dir.join(format!(".{}.lock", entry.id))).map_err(|e| ModelsError::Io(e.to_string()))?;
+        File::create(locks.join(format!("{}.lock", entry.id))).map_err(|e| ModelsError::Io(e.to_string()))?;
     lock.lock()
         .map_err(|e| ModelsError::Io(format!("cannot lock the model cache: {e}")))?;
     if entry.is_installed(home) {
@@ -468,14 +472,14 @@ mod tests {
             pull(&e, &home, &opts).expect("again"),
             PullOutcome::AlreadyInstalled(out.path().into())
         );
-        // Nothing but the model, its stamp and the lock file remains.
+        // Nothing but the model and its stamp remains.
         let mut names: Vec<String> = std::fs::read_dir(models_dir(&home))
             .expect("dir")
             .flatten()
             .map(|e| e.file_name().to_string_lossy().to_string())
             .collect();
         names.sort();
-        assert_eq!(names, [".toy.lock", "toy.gguf", "toy.gguf.verified"]);
+        assert_eq!(names, ["toy.gguf", "toy.gguf.verified"]);
     }
 
     #[test]
@@ -548,7 +552,6 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(models_dir(&home))
             .expect("dir")
             .flatten()
-            .filter(|e| e.file_name() != ".toy.lock")
             .collect();
         assert!(
             left.is_empty(),
