@@ -68,6 +68,18 @@ impl NodeProc {
     /// Start `slm-swarm <args>` (optionally in network namespace `netns`) and
     /// wait until it prints its HTTP address.
     pub fn spawn(name: &str, args: &[String], dir: &Path, netns: Option<&str>) -> anyhow::Result<NodeProc> {
+        Self::spawn_env(name, args, dir, netns, &[])
+    }
+
+    /// As [`NodeProc::spawn`], with extra environment variables (they may
+    /// override `RUST_LOG`), e.g. a cloud API key for a gateway-capable node.
+    pub fn spawn_env(
+        name: &str,
+        args: &[String],
+        dir: &Path,
+        netns: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<NodeProc> {
         let log = dir.join(format!("{name}.log"));
         let mut cmd = match netns {
             Some(ns) => {
@@ -80,6 +92,7 @@ impl NodeProc {
         // The model cache is shared (SLM_SWARM_HOME is inherited); tests pass --identity.
         cmd.args(args)
             .env("RUST_LOG", "info,libp2p=warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(std::fs::File::create(
@@ -126,6 +139,13 @@ impl NodeProc {
             addrs,
             log,
         })
+    }
+
+    /// Everything the process printed so far: its stdout log, then its stderr.
+    pub fn output(&self) -> String {
+        let mut s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        s.push_str(&std::fs::read_to_string(self.log.with_extension("err")).unwrap_or_default());
+        s
     }
 
     /// A listen address on `ip` (e.g. 127.0.0.1) to bootstrap from.

@@ -1,5 +1,6 @@
 //! Command-line interface: argument definitions and dispatch.
 
+mod demo;
 mod eval;
 mod local;
 mod models;
@@ -48,6 +49,9 @@ pub enum Command {
     /// Answer an evaluation set with one model or a live node; report accuracy,
     /// route mix, cloud share and latency; cache every answer (resumable).
     Eval(eval::EvalArgs),
+    /// Run a whole swarm here: a cloud stand-in and three nodes on loopback, a
+    /// mixed question set, and a table of where each answer came from.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -90,6 +94,8 @@ impl Cli {
             Command::Serve(a) => a.threads,
             Command::BenchVote(a) => a.threads,
             Command::Eval(a) => a.threads,
+            // Each child gets its own --threads; the demo itself computes nothing.
+            Command::Demo(_) => None,
             Command::Models(_) | Command::Query(_) | Command::Peers(_) => None,
         }
     }
@@ -116,5 +122,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(a) => tools::serve(a),
         Command::BenchVote(a) => tools::bench_vote(a),
         Command::Eval(a) => eval::eval(a),
+        Command::Demo(a) => demo::demo(a),
     }
 }

@@ -1,10 +1,18 @@
 //! `serve` (a plain OpenAI-compatible server with no swarm, e.g. the cloud
-//! stand-in) and `bench-vote` (vote overhead among three nodes on loopback).
+//! stand-in, optionally requiring an API key and logging every request) and
+//! `bench-vote` (vote overhead among three nodes on loopback).
 
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use clap::Args;
 use libp2p::identity::Keypair;
 use serde_json::json;
@@ -37,11 +45,88 @@ pub struct ServeArgs {
     pub cloud_model: Option<String>,
     #[arg(long)]
     pub cloud_key_env: Option<String>,
+    /// Require `Authorization: Bearer <key>` on every request, the key being the
+    /// value of this environment variable (401 otherwise), as a real cloud API does.
+    #[arg(long)]
+    pub api_key_env: Option<String>,
+    /// Append one JSON line per request received to this file: time, method,
+    /// path, status, ms and whether an Authorization header came and matched
+    /// (never the header itself).
+    #[arg(long)]
+    pub request_log: Option<PathBuf>,
     /// Compute threads for inference (default: physical cores).
     #[arg(long)]
     pub threads: Option<usize>,
     #[command(flatten)]
     pub common: ModelArgs,
+}
+
+/// What the request guard of `serve` checks and records.
+#[derive(Clone)]
+struct Guard {
+    /// The expected `Authorization` value (`Bearer <key>`), when a key is required.
+    expected: Option<Arc<String>>,
+    log: Option<Arc<Mutex<std::fs::File>>>,
+}
+
+/// Checks the key (when one is required) and logs the request (when asked);
+/// the header's value is compared, never written anywhere.
+async fn guard(State(g): State<Guard>, req: Request, next: Next) -> Response {
+    let t0 = Instant::now();
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes().to_vec());
+    let auth = match (&g.expected, &given) {
+        (_, None) => "missing",
+        (None, Some(_)) => "present",
+        (Some(want), Some(got)) if got.as_slice() == want.as_bytes() => "valid",
+        (Some(_), Some(_)) => "invalid",
+    };
+    let resp = if g.expected.is_some() && auth != "valid" {
+        let body = json!({"error": {"message": "invalid or missing API key", "type": "invalid_request_error",
+                                    "param": null, "code": "invalid_api_key"}});
+        (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response()
+    } else {
+        next.run(req).await
+    };
+    if let Some(log) = &g.log {
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let line = json!({"unix_ms": unix_ms, "method": method, "path": path, "auth": auth,
+                          "status": resp.status().as_u16(), "ms": t0.elapsed().as_millis() as u64});
+        if let Ok(mut f) = log.lock() {
+            // A failed log write must not fail the request it describes.
+            let _ = writeln!(f, "{line}");
+        }
+    }
+    resp
+}
+
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// A node that joins no swarm and always answers with its own model.
@@ -63,6 +148,27 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     cfg.routing.tau_local = 0.0;
     cfg.routing.safety = false;
     cfg.routing.privacy = Privacy::Device;
+    let expected = match &a.api_key_env {
+        Some(env) => {
+            let key = std::env::var(env).unwrap_or_default();
+            if key.trim().is_empty() {
+                bail!("--api-key-env: environment variable `{env}` is not set or empty");
+            }
+            Some(Arc::new(format!("Bearer {}", key.trim())))
+        }
+        None => None,
+    };
+    let log = match &a.request_log {
+        Some(p) => Some(Arc::new(Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open the request log {}", p.display()))?,
+        ))),
+        None => None,
+    };
+    let guard_state = Guard { expected, log };
     let backends = load_backends(&a.common, &cfg.models)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
@@ -87,7 +193,16 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         println!("peer id: {}", node.peer_id);
         println!("http: http://{local}");
         println!("OpenAI base URL: http://{local}/v1");
-        serve_http(node, listener).await
+        if guard_state.expected.is_none() && guard_state.log.is_none() {
+            return serve_http(node, listener).await;
+        }
+        let app =
+            swarm_node::api::router(node.clone()).layer(middleware::from_fn_with_state(guard_state, guard));
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop_signal())
+            .await?;
+        node.shutdown().await;
+        Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
 }
