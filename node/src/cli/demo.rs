@@ -261,6 +261,20 @@ fn fetch_models(common: &ModelArgs, specs: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The id a model is served under: the catalog id, or a GGUF file's stem.
+fn model_id(common: &ModelArgs, spec: &str) -> String {
+    let known = Catalog::load(common.catalog.as_deref())
+        .map(|c| c.get(spec).is_ok())
+        .unwrap_or(false);
+    if known {
+        return spec.to_string();
+    }
+    Path::new(spec)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| spec.to_string())
+}
+
 fn http_client() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .timeout(Duration::from_secs(600))
@@ -278,6 +292,8 @@ struct Row {
     tag: String,
     asked: String,
     forced: bool,
+    /// The safety classifier flagged the question.
+    safety: bool,
     route: String,
     answer: String,
     confidence: Option<f64>,
@@ -325,6 +341,7 @@ async fn ask(c: &reqwest::Client, node: &Proc, q: &QuestionIn) -> anyhow::Result
         tag: q.tag.clone().unwrap_or_default(),
         asked: node.name.clone(),
         forced: route != "auto",
+        safety: false,
         route: String::new(),
         answer: String::new(),
         confidence: None,
@@ -359,6 +376,7 @@ async fn ask(c: &reqwest::Client, node: &Proc, q: &QuestionIn) -> anyhow::Result
     if s["degraded"].as_bool() == Some(true) {
         row.degraded_reason = Some(s["degraded_reason"].as_str().unwrap_or("degraded").to_string());
     }
+    row.safety = s["safety_flag"].as_bool() == Some(true);
     row.gateway = s["gateway"].as_str().map(String::from);
     row.model = s["model"].as_str().unwrap_or("").to_string();
     Ok(row)
@@ -383,6 +401,9 @@ fn print_table(rows: &[Row]) {
             let mut route = r.route.clone();
             if r.forced {
                 route.push_str(" (forced)");
+            }
+            if r.safety {
+                route.push_str(" (safety)");
             }
             if r.degraded_reason.is_some() {
                 route.push_str(" *");
@@ -432,6 +453,10 @@ fn print_table(rows: &[Row]) {
     for r in &body {
         line(r);
     }
+    println!(
+        "route: local = the asked node alone, vote = its peers voted, cloud = via the gateway; \
+         (forced) = the question asked for that route, (safety) = flagged by the safety classifier"
+    );
     for (i, r) in rows.iter().enumerate() {
         if let Some(d) = &r.degraded_reason {
             println!("  * {}: degraded: {d}", i + 1);
@@ -495,40 +520,30 @@ async fn run(
     let key = format!("demo-{:032x}", rand::random::<u128>());
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let t0 = Instant::now();
-    eprintln!("starting the cloud stand-in ({})…", a.cloud_model);
-    let stand_in = Proc::spawn(
-        "cloud-stand-in",
-        &[
-            "serve".into(),
-            "--model".into(),
-            a.cloud_model.clone(),
-            "--http".into(),
-            "127.0.0.1:0".into(),
-            "--name".into(),
-            "cloud-stand-in".into(),
-            "--api-key-env".into(),
-            KEY_ENV.into(),
-            "--request-log".into(),
-            dir.join("cloud-requests.jsonl").display().to_string(),
-            "--threads".into(),
-            threads.to_string(),
-        ],
-        &[(KEY_ENV, &key)],
-        dir,
-    )
-    .await?;
-    let cloud_url = format!("{}/v1", stand_in.http);
-    let cloud_model = stand_in
-        .models
-        .split(", ")
-        .next()
-        .unwrap_or(&a.cloud_model)
-        .to_string();
-    eprintln!("  cloud stand-in: {cloud_model} at {cloud_url} (requires an API key)");
-    procs.push(stand_in);
-    // node-1 may call the cloud: a longer cloud deadline suits a CPU-only stand-in.
+    // The stand-in's port is chosen here so that it and node-1 can load their
+    // models at the same time; node-1's prober finds the stand-in once it is up.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let cloud_url = format!("http://127.0.0.1:{port}/v1");
+    let cloud_model = model_id(&a.common, &a.cloud_model);
+    let stand_in_args: Vec<String> = vec![
+        "serve".into(),
+        "--model".into(),
+        a.cloud_model.clone(),
+        "--http".into(),
+        format!("127.0.0.1:{port}"),
+        "--name".into(),
+        "cloud-stand-in".into(),
+        "--api-key-env".into(),
+        KEY_ENV.into(),
+        "--request-log".into(),
+        dir.join("cloud-requests.jsonl").display().to_string(),
+        "--threads".into(),
+        threads.to_string(),
+    ];
+    // node-1 may call the cloud: a longer cloud deadline suits a CPU-only stand-in,
+    // and frequent probes notice it soon after it has loaded.
     let cfg1 = dir.join("node-1.toml");
-    std::fs::write(&cfg1, "[cloud]\ntimeout_ms = 120000\nprobe_interval_ms = 5000\n")?;
+    std::fs::write(&cfg1, "[cloud]\ntimeout_ms = 120000\nprobe_interval_ms = 1000\n")?;
     let ns = format!("demo-{}", std::process::id());
     let node_args = |i: usize, boot: Option<&str>| {
         let name = format!("node-{}", i + 1);
@@ -557,7 +572,7 @@ async fn run(
         }
         (name, v)
     };
-    let (name, mut args1) = node_args(0, None);
+    let (_, mut args1) = node_args(0, None);
     args1.extend([
         "--config".into(),
         cfg1.display().to_string(),
@@ -568,8 +583,34 @@ async fn run(
         "--cloud-key-env".into(),
         KEY_ENV.into(),
     ]);
-    eprintln!("starting {name} ({}, may call the cloud)…", a.models[0]);
-    let n1 = Proc::spawn(&name, &args1, &[(KEY_ENV, &key)], dir).await?;
+    eprintln!(
+        "starting the cloud stand-in ({}) and node-1 ({}, may call the cloud)…",
+        a.cloud_model, a.models[0]
+    );
+    let key_env = [(KEY_ENV, key.as_str())];
+    let (stand_in, n1) = tokio::join!(
+        Proc::spawn("cloud-stand-in", &stand_in_args, &key_env, dir),
+        Proc::spawn("node-1", &args1, &key_env, dir),
+    );
+    // Whatever started is kept in `procs`, so it is stopped even if the other failed.
+    let (stand_in, n1) = match (stand_in, n1) {
+        (Ok(s), Ok(n)) => (s, n),
+        (s, n) => {
+            procs.extend(s.ok());
+            procs.extend(n.ok());
+            bail!("the stand-in or node-1 did not start (see --log-dir)");
+        }
+    };
+    if !stand_in.models.split(", ").any(|m| m == cloud_model) {
+        procs.push(stand_in);
+        procs.push(n1);
+        bail!("the stand-in serves `{}`, not `{cloud_model}`", procs[0].models);
+    }
+    eprintln!(
+        "  cloud stand-in: {} at {cloud_url} (requires an API key)",
+        stand_in.models
+    );
+    procs.push(stand_in);
     let boot = n1
         .addrs
         .iter()
@@ -578,12 +619,24 @@ async fn run(
         .ok_or_else(|| anyhow!("node-1 printed no loopback address"))?;
     let gateway = n1.peer_id.clone();
     procs.push(n1);
-    for i in 1..3 {
-        let (name, args) = node_args(i, Some(&boot));
-        eprintln!("starting {name} ({})…", a.models[i]);
-        // No key in these nodes' environment: only node-1 can reach the cloud.
-        procs.push(Proc::spawn(&name, &args, &[], dir).await?);
-    }
+    eprintln!("starting node-2 ({}) and node-3 ({})…", a.models[1], a.models[2]);
+    let (_, args2) = node_args(1, Some(&boot));
+    let (_, args3) = node_args(2, Some(&boot));
+    // No key in these nodes' environment: only node-1 can reach the cloud.
+    let (n2, n3) = tokio::join!(
+        Proc::spawn("node-2", &args2, &[], dir),
+        Proc::spawn("node-3", &args3, &[], dir)
+    );
+    let (n2, n3) = match (n2, n3) {
+        (Ok(x), Ok(y)) => (x, y),
+        (x, y) => {
+            procs.extend(x.ok());
+            procs.extend(y.ok());
+            bail!("node-2 or node-3 did not start (see --log-dir)");
+        }
+    };
+    procs.push(n2);
+    procs.push(n3);
     eprintln!("waiting for the swarm to form and elect node-1 as gateway…");
     wait_ready(&c, &procs[1..], &gateway).await?;
     eprintln!(
@@ -603,6 +656,7 @@ async fn run(
                 tag: q.tag.clone().unwrap_or_default(),
                 asked: node.name.clone(),
                 forced: false,
+                safety: false,
                 route: "error".into(),
                 answer: String::new(),
                 confidence: None,
@@ -622,11 +676,12 @@ async fn run(
             .and_then(|g| procs.iter().find(|p| &p.peer_id == g))
             .map(|p| p.name.clone());
         eprintln!(
-            "[{}/{n}] {} → {}{} ({} ms)",
+            "[{}/{n}] {} → {}{}{} ({} ms)",
             i + 1,
             row.asked,
             row.route,
             if row.forced { " (forced)" } else { "" },
+            if row.safety { " (safety)" } else { "" },
             row.ms
         );
         if a.json {
