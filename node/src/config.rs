@@ -77,6 +77,11 @@ pub struct RoutingConfig {
     pub privacy: Privacy,
     /// Flag and escalate safety-critical queries (needs the embedder for its best accuracy).
     pub safety: bool,
+    /// Sentence embedder (catalog id) for free-text votes and the safety classifier;
+    /// empty = none. Not installed = rules-only safety and exact-match free votes.
+    pub embedder: String,
+    /// Free-text answers whose embeddings have at least this cosine count as the same answer.
+    pub free_similarity: f32,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -133,6 +138,8 @@ impl Default for RoutingConfig {
             vote_deadline_ms: 30_000,
             privacy: Privacy::Cloud,
             safety: true,
+            embedder: crate::inference::embedder::DEFAULT_EMBEDDER.into(),
+            free_similarity: 0.8,
         }
     }
 }
@@ -224,6 +231,7 @@ impl NodeConfig {
         for (what, v) in [
             ("tau_local", self.routing.tau_local),
             ("tau_vote", self.routing.tau_vote),
+            ("free_similarity", self.routing.free_similarity),
         ] {
             if !(0.0..=1.0).contains(&v) {
                 return bad(format!("routing.{what} must be within 0..=1"));

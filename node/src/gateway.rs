@@ -1,6 +1,7 @@
 //! The gateway's side of escalation and the per-query safety signal: calling
-//! the cloud model for the swarm (only the elected gateway does), and what this
-//! node advertises about its cloud access.
+//! the cloud model for the swarm (only the elected gateway does), what this
+//! node advertises about its cloud access, and the safety check's entry point
+//! (the classifier itself is `crate::safety`).
 
 use std::time::{Duration, Instant};
 
@@ -10,19 +11,15 @@ use crate::cloud::{CloudError, CloudRequest};
 use crate::inference::ChatMessage;
 use crate::node::Node;
 
-/// The safety classifier's verdict on a query.
-#[derive(Debug, Clone, Default)]
-pub struct SafetyFlag {
-    pub flagged: bool,
-    pub category: Option<String>,
-}
+pub use crate::safety::SafetyFlag;
 
-/// Classify a query (not flagged when the classifier is off).
-pub fn safety_check(node: &Node, _text: &str) -> SafetyFlag {
+/// Classify a query (not flagged when the classifier is off). Async: the
+/// embedding runs on the blocking pool, never on the runtime's threads.
+pub async fn safety_check(node: &Node, text: &str) -> SafetyFlag {
     if !node.cfg.routing.safety {
         return SafetyFlag::default();
     }
-    SafetyFlag::default()
+    node.semantic.classifier().await.classify(text).await.flag()
 }
 
 fn wire(code: ErrorCode, e: &CloudError) -> WireError {

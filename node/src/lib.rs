@@ -13,3 +13,4 @@ pub mod models;
 pub mod network;
 pub mod node;
 pub mod router;
+pub mod safety;

@@ -167,6 +167,8 @@ pub struct NodeInner {
     /// Measured decode speed per model (tokens/s), advertised to peers.
     pub tok_s: Mutex<BTreeMap<String, f32>>,
     pub cloud: Option<CloudClient>,
+    /// The sentence embedder and safety classifier, shared by votes and safety checks.
+    pub semantic: crate::safety::Semantic,
     next_id: AtomicU64,
     shutdown_tx: watch::Sender<bool>,
     _identity_lock: Option<std::fs::File>,
@@ -241,6 +243,7 @@ impl Node {
             gone: BTreeMap::new(),
         }));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let semantic = crate::safety::Semantic::new(&cfg.routing.embedder);
         let node = Node(Arc::new(NodeInner {
             peer_id,
             name,
@@ -253,11 +256,15 @@ impl Node {
             started: Instant::now(),
             tok_s: Mutex::new(BTreeMap::new()),
             cloud: opts.cloud,
+            semantic,
             next_id: AtomicU64::new(wall_ms() << 16),
             shutdown_tx,
             _identity_lock: opts.identity_lock,
         }));
         let task = tokio::spawn(Membership::new(node.clone(), view_tx).run(events, shutdown_rx));
+        // Load the embedder and embed the safety exemplars in the background, so start stays fast.
+        let warm = node.clone();
+        tokio::spawn(async move { warm.semantic.warm_up(warm.cfg.routing.safety).await });
         Ok((node, task))
     }
 

@@ -3,6 +3,8 @@
 //! vote among heterogeneous peers, or escalation to the gateway's cloud model.
 //! Also serves peers: votes, forwarded queries and (on the gateway) escalations.
 //! Decisions come from `swarm_protocol::policy`; this module only executes them.
+//! Free-text votes are decided by meaning (answers clustered by their sentence
+//! embeddings) when the node has an embedder, by exact match otherwise.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -11,13 +13,14 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use libp2p::PeerId;
 use serde::Serialize;
 use swarm_protocol::{
-    decide_after_vote, decide_first, detect_task, normalize, select_voters_spread, AfterVote, ErrorCode,
-    EscalateReply, EscalateRequest, Privacy, QueryReply, QueryRequest, QueryResponse, Route, RouteInputs,
-    RouteOverride, Task, Thresholds, VoteReply, VoteRequest, VoteResponse, VoteTally, VoterCandidate,
-    VoterRecord, WireError,
+    cluster_free, decide_after_vote, decide_first, detect_task, normalize, select_voters_spread, AfterVote,
+    ErrorCode, EscalateReply, EscalateRequest, FreeCluster, Privacy, QueryReply, QueryRequest, QueryResponse,
+    Route, RouteInputs, RouteOverride, Task, Thresholds, VoteReply, VoteRequest, VoteResponse, VoteTally,
+    VoterCandidate, VoterRecord, WireError,
 };
 use thiserror::Error;
 
+use crate::inference::embedder::{EmbedError, Embedder};
 use crate::inference::{
     ChatMessage, ChoiceKind, ChoiceRequest, GenerateRequest, Generation, InferenceError, ModelHandle, Prompt,
     TokenLogprob,
@@ -349,11 +352,15 @@ pub async fn chat(node: &Node, req: ChatRequest) -> Result<Answer, RouteError> {
     };
     let task = task_of(&req.messages, req.ext.task.clone());
     let privacy = req.ext.privacy.unwrap_or(node.cfg.routing.privacy);
-    let safety = crate::gateway::safety_check(node, last_user(&req.messages));
+    // The safety check (an embedding on the blocking pool) runs alongside the local answer.
+    let (safety, local) = tokio::join!(
+        crate::gateway::safety_check(node, last_user(&req.messages)),
+        answer_locally(node, &handle, &req.messages, &task, &req.params, req.deadline)
+    );
+    let local = local?;
     if safety.flagged {
         node.metrics.safety_flags.inc();
     }
-    let local = answer_locally(node, &handle, &req.messages, &task, &req.params, req.deadline).await?;
     let view = node.snapshot();
     let (tau_local, tau_vote) = node.cfg.routing.thresholds(&local.model);
     let thresholds = Thresholds { tau_local, tau_vote };
@@ -724,8 +731,28 @@ async fn run_vote(node: &Node, req: &ChatRequest, task: &Task, own: &LocalAnswer
             });
         }
     }
-    let outcome = tally.outcome();
+    let mut outcome = tally.outcome();
+    // Free text: answers that say the same thing in other words are one answer.
+    let mut by_meaning: Option<(String, String)> = None;
+    if matches!(task, Task::Free) && raw.len() >= 2 {
+        if let Some(embedder) = node.semantic.embedder().await {
+            let answers: Vec<(String, f32, String)> = raw.values().cloned().collect();
+            match free_vote_by_meaning(embedder, &answers, node.cfg.routing.free_similarity).await {
+                Ok(v) => {
+                    let (text, _, model) = &answers[v.winner];
+                    outcome.winner = Some(text.clone());
+                    outcome.agreement = v.agreement;
+                    by_meaning = Some((text.clone(), model.clone()));
+                }
+                Err(e) => tracing::warn!("free-text vote: embedding failed, exact match used: {e}"),
+            }
+        }
+    }
     let (winner_text, winner_model) = match (&outcome.winner, task) {
+        (Some(_), Task::Free) if by_meaning.is_some() => match by_meaning {
+            Some((text, model)) => (Some(text), Some(model)),
+            None => (None, None),
+        },
         (Some(label), Task::Mcq { choices }) => (
             choices
                 .iter()
@@ -765,6 +792,48 @@ async fn run_vote(node: &Node, req: &ChatRequest, task: &Task, own: &LocalAnswer
         voters,
         records,
     }
+}
+
+/// A free-text vote decided by meaning.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FreeVote {
+    /// Index of the winning cluster's representative (its most confident answer).
+    pub winner: usize,
+    /// The winning cluster's weighted share of all answers.
+    pub agreement: f32,
+    pub clusters: Vec<FreeCluster>,
+}
+
+/// Cluster `(text, embedding, confidence)` answers by cosine ≥ `threshold`; the
+/// heaviest cluster wins and its share of the weight is the agreement.
+pub fn free_vote(answers: &[(String, Vec<f32>, f32)], threshold: f32) -> Option<FreeVote> {
+    let clusters = cluster_free(answers, threshold);
+    let total: f32 = clusters.iter().map(|c| c.weight).sum();
+    let first = clusters.first()?;
+    if total <= 0.0 {
+        return None;
+    }
+    Some(FreeVote {
+        winner: first.representative,
+        agreement: (first.weight / total).min(1.0),
+        clusters,
+    })
+}
+
+/// Embed `(text, confidence, model)` answers (off the runtime) and [`free_vote`] them.
+pub async fn free_vote_by_meaning(
+    embedder: &Embedder,
+    answers: &[(String, f32, String)],
+    threshold: f32,
+) -> Result<FreeVote, EmbedError> {
+    let texts: Vec<String> = answers.iter().map(|a| a.0.clone()).collect();
+    let vectors = embedder.embed(texts).await?;
+    let items: Vec<(String, Vec<f32>, f32)> = answers
+        .iter()
+        .zip(vectors)
+        .map(|((t, c, _), v)| (t.clone(), v, *c))
+        .collect();
+    free_vote(&items, threshold).ok_or_else(|| EmbedError::Compute("no answers to cluster".into()))
 }
 
 /// The most confident raw answer among the voters whose answer normalises to `norm`.

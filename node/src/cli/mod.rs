@@ -5,6 +5,7 @@ mod eval;
 mod local;
 mod models;
 mod node;
+mod safety;
 mod tools;
 
 use std::path::PathBuf;
@@ -52,6 +53,9 @@ pub enum Command {
     /// Run a whole swarm here: a cloud stand-in and three nodes on loopback, a
     /// mixed question set, and a table of where each answer came from.
     Demo(demo::DemoArgs),
+    /// Run the safety classifier over a labelled prompt set; print precision,
+    /// recall, F1 and per-category counts.
+    SafetyEval(safety::SafetyEvalArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -96,7 +100,7 @@ impl Cli {
             Command::Eval(a) => a.threads,
             // Each child gets its own --threads; the demo itself computes nothing.
             Command::Demo(_) => None,
-            Command::Models(_) | Command::Query(_) | Command::Peers(_) => None,
+            Command::Models(_) | Command::Query(_) | Command::Peers(_) | Command::SafetyEval(_) => None,
         }
     }
 
@@ -123,5 +127,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::BenchVote(a) => tools::bench_vote(a),
         Command::Eval(a) => eval::eval(a),
         Command::Demo(a) => demo::demo(a),
+        Command::SafetyEval(a) => safety::safety_eval(a),
     }
 }
