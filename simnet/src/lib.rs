@@ -1,10 +1,12 @@
 //! Deterministic simulation of an slm-swarm: N nodes running the real `swarm-protocol` state
 //! machines (peer table, gossip adverts, gateway election, votes, route policy) over a simulated
 //! network with a virtual clock, one seeded RNG, and faults (latency, loss, partitions, crashes,
-//! churn, clock skew). Same scenario + seed → byte-identical report.
+//! churn, clock skew). Same scenario + seed → byte-identical report. The real tier ([`real`])
+//! runs real `swarm-node` nodes in one process instead, on the wall clock.
 
 pub mod models;
 pub mod queue;
+pub mod real;
 pub mod report;
 pub mod scenario;
 pub mod sim;

@@ -1,10 +1,12 @@
-//! `swarm-simnet run <scenario> [--seed N] [--json] [--virtual-s S]`: runs one simulation.
+//! `swarm-simnet run <scenario> [--seed N] [--json] [--virtual-s S]`: runs one simulation;
+//! `swarm-simnet real --nodes N [--votes V] [--seed S] [--json]`: runs the real tier.
 
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use swarm_simnet::real::RealConfig;
 use swarm_simnet::Scenario;
 
 #[derive(Parser)]
@@ -29,15 +31,103 @@ enum Cmd {
         #[arg(long = "virtual-s")]
         virtual_s: Option<f64>,
     },
+    /// Real tier: N real nodes (stand-in models) in this process over libp2p's memory
+    /// transport; reports convergence time, memory per node and vote routing.
+    Real {
+        #[arg(long, default_value_t = 10)]
+        nodes: usize,
+        /// Votes run from random nodes once the swarm has converged.
+        #[arg(long, default_value_t = 20)]
+        votes: usize,
+        /// Votes in flight at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Seeds the topology, the model pool and the vote coordinators (not the timings).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Distinct stand-in model ids (node i serves model i mod M).
+        #[arg(long, default_value_t = 8)]
+        models: usize,
+        /// Extra random links each node dials besides its ring neighbour.
+        #[arg(long, default_value_t = 2)]
+        links: usize,
+        /// Advert period, ms (default: 1000, or 50 per node above 20 nodes).
+        #[arg(long = "advert-ms")]
+        advert_ms: Option<u64>,
+        /// Stand-in inference time per answer, ms.
+        #[arg(long = "inference-ms", default_value_t = 5)]
+        inference_ms: u64,
+        /// Give up waiting for convergence after this many seconds.
+        #[arg(long = "timeout-s", default_value_t = 120)]
+        timeout_s: u64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> anyhow::Result<ExitCode> {
-    let Cmd::Run {
-        scenario,
-        seed,
-        json,
-        virtual_s,
-    } = Cli::parse().cmd;
+    match Cli::parse().cmd {
+        Cmd::Run {
+            scenario,
+            seed,
+            json,
+            virtual_s,
+        } => run(scenario, seed, json, virtual_s),
+        Cmd::Real {
+            nodes,
+            votes,
+            concurrency,
+            seed,
+            models,
+            links,
+            advert_ms,
+            inference_ms,
+            timeout_s,
+            json,
+        } => real(
+            RealConfig {
+                nodes,
+                votes,
+                concurrency,
+                seed,
+                models,
+                links,
+                advert_interval_ms: advert_ms.unwrap_or_else(|| RealConfig::default_advert_ms(nodes)),
+                inference_ms,
+                converge_timeout: Duration::from_secs(timeout_s),
+            },
+            json,
+        ),
+    }
+}
+
+fn real(cfg: RealConfig, json: bool) -> anyhow::Result<ExitCode> {
+    // The nodes log through `tracing`; quiet unless RUST_LOG asks, and on stderr only.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let report = rt.block_on(swarm_simnet::real::run(cfg))?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{report}");
+    }
+    let healthy = report.convergence_ms.is_some() && report.votes_ok == report.votes;
+    Ok(if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+fn run(scenario: String, seed: Option<u64>, json: bool, virtual_s: Option<f64>) -> anyhow::Result<ExitCode> {
     let mut sc = Scenario::resolve(&scenario)?;
     if let Some(v) = virtual_s {
         anyhow::ensure!(v > 0.0 && v.is_finite(), "--virtual-s must be positive");
