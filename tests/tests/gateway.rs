@@ -333,6 +333,31 @@ fn gateway_escalates_for_peers_keeps_the_key_and_fails_over() {
         );
     }
 
+    // A streaming client gets the cloud's answer as SSE chunks, provenance last.
+    let (st, sse) = http_post(
+        &format!("{}/v1/chat/completions", nodes[2].http),
+        &json!({"messages": [{"role": "user", "content": "the sun rose over"}], "max_tokens": 8,
+                "stream": true, "swarm": {"route": "cloud"}}),
+    )
+    .expect("streaming request");
+    assert_eq!(st, 200, "{sse}");
+    let events: Vec<Value> = sse
+        .as_str()
+        .unwrap_or("")
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).expect("chunk JSON"))
+        .collect();
+    assert!(sse.as_str().unwrap_or("").contains("data: [DONE]"), "{sse}");
+    let last = events.last().expect("chunks");
+    assert_eq!(last["swarm"]["route"], json!("cloud"), "{last}");
+    assert_eq!(last["swarm"]["gateway"], json!(gw), "{last}");
+    assert!(
+        events.iter().all(|e| e["object"] == "chat.completion.chunk"),
+        "{sse}"
+    );
+
     // Privacy device or swarm: the query never reaches the stand-in.
     for privacy in ["device", "swarm"] {
         let before = chat_posts(&req_log);
@@ -512,5 +537,79 @@ fn no_gateway_means_a_degraded_answer_not_a_hang() {
         t.elapsed() < Duration::from_secs(30),
         "hung for {:?}",
         t.elapsed()
+    );
+}
+
+#[test]
+fn exhausted_cloud_budget_degrades_the_next_escalation() {
+    let dir = Scratch::new();
+    let m = tiny_models(dir.path(), &["tiny-g", "tiny-h", "tiny-cloud"]);
+    let ns = unique_ns("budget");
+    let stand_in = NodeProc::spawn(
+        "stand-in",
+        &[
+            "serve".into(),
+            "--model".into(),
+            m[2].display().to_string(),
+            "--http".into(),
+            "127.0.0.1:0".into(),
+            "--threads".into(),
+            "1".into(),
+        ],
+        dir.path(),
+        None,
+    )
+    .expect("stand-in");
+    // The gateway may call the cloud once a minute.
+    let cfg = dir.path().join("g.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[cloud]\nbase_url = \"{}/v1\"\nmodel = \"tiny-cloud\"\nmax_calls_per_minute = 1\n",
+            stand_in.http
+        ),
+    )
+    .expect("config");
+    let mut ga = node_args(&ns, &m[0], dir.path(), "g", &[], None);
+    ga.extend(["--config".into(), cfg.display().to_string()]);
+    let g = NodeProc::spawn("g", &ga, dir.path(), None).expect("start g");
+    let boot = g.addr_on("127.0.0.1").expect("g's address");
+    let h = NodeProc::spawn(
+        "h",
+        &node_args(&ns, &m[1], dir.path(), "h", &[&boot], None),
+        dir.path(),
+        None,
+    )
+    .expect("start h");
+    wait_for(Duration::from_secs(30), || {
+        gateway_of(&h).as_deref() == Some(g.peer_id.as_str())
+    })
+    .expect("h never saw g as gateway");
+    let (st, r) = ask(&h, "the cat sat on", json!({"route": "cloud"}));
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(
+        r["swarm"]["route"],
+        json!("cloud"),
+        "the first call is within budget: {r}"
+    );
+    let t = Instant::now();
+    let (st, r) = ask(&h, "the dog ran to", json!({"route": "cloud"}));
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["swarm"]["degraded"], json!(true), "{r}");
+    assert_ne!(r["swarm"]["route"], json!("cloud"), "{r}");
+    let reason = r["swarm"]["degraded_reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("budget") || reason.contains("gateway"),
+        "{reason}"
+    );
+    assert!(!r["choices"][0]["message"]["content"].is_null(), "{r}");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "hung for {:?}",
+        t.elapsed()
+    );
+    println!(
+        "budget exhausted: degraded after {} ms: {reason}",
+        t.elapsed().as_millis()
     );
 }
