@@ -9,6 +9,14 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    if args.prints_and_exits() {
+        // `slm-swarm … | head` should end quietly, as other Unix tools do, rather
+        // than panic on a closed stdout; servers keep Rust's default (ignored).
+        // SAFETY: called before any thread starts; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     if let Some(n) = args.threads() {
         // candle reads these once, when its thread pools start; nothing has run yet.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());

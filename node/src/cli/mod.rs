@@ -104,6 +104,12 @@ impl Cli {
         }
     }
 
+    /// A one-shot command whose output may be piped into `head` and the like.
+    pub fn prints_and_exits(&self) -> bool {
+        // Not the demo: it must live to shut its child nodes down.
+        !matches!(self.cmd, Command::Start(_) | Command::Serve(_) | Command::Demo(_))
+    }
+
     pub fn default_log_level(&self) -> &'static str {
         match self.cmd {
             Command::Start(_) | Command::Serve(_) => "info,libp2p=warn,libp2p_mdns=warn",
