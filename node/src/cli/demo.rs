@@ -711,6 +711,9 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let mut specs: Vec<&str> = a.models.iter().map(String::as_str).collect();
     specs.push(&a.cloud_model);
+    // The nodes' sentence embedder (safety classifier, free-text votes): without it
+    // they fall back to rules only, so fetch it here with the models, with progress.
+    specs.push(swarm_node::inference::embedder::DEFAULT_EMBEDDER);
     fetch_models(&a.common, &specs)?;
 
     let tmp;
