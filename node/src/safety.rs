@@ -380,7 +380,7 @@ impl SafetyClassifier {
 
     pub fn with_exemplars_blocking(embedder: Embedder, items: Vec<Labelled>) -> Result<Self, SafetyError> {
         let texts: Vec<String> = items.iter().map(|i| i.text.clone()).collect();
-        let vectors = embedder.embed_blocking(&texts)?;
+        let vectors = cached_embeddings(&embedder, &texts)?;
         Ok(Self {
             embedder: Some(embedder),
             index: Some(ExemplarIndex { items, vectors }),
@@ -486,6 +486,46 @@ impl SafetyClassifier {
         };
         self.decide(text, embedding.as_deref())
     }
+}
+
+/// Embeddings of `texts`, cached on disk under `$SLM_SWARM_HOME/cache` keyed by
+/// the embedder and the texts: every node start would otherwise spend seconds of
+/// CPU re-embedding the same exemplars. A cache that cannot be read or written
+/// only costs the recomputation.
+fn cached_embeddings(embedder: &Embedder, texts: &[String]) -> Result<Vec<Vec<f32>>, SafetyError> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(embedder.id().as_bytes());
+    h.update(embedder.dim().to_le_bytes());
+    h.update(crate::inference::embedder::MAX_TOKENS.to_le_bytes());
+    for t in texts {
+        h.update(t.as_bytes());
+        h.update([0u8]);
+    }
+    let key = hex::encode(&h.finalize()[..12]);
+    let dir = crate::models::home_dir().join("cache");
+    let path = dir.join(format!("embeddings-{key}.f32"));
+    let dim = embedder.dim();
+    if let Ok(bytes) = std::fs::read(&path) {
+        if bytes.len() == texts.len() * dim * 4 {
+            let flat: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            return Ok(flat.chunks(dim.max(1)).map(<[f32]>::to_vec).collect());
+        }
+    }
+    let vectors = embedder.embed_blocking(texts)?;
+    let bytes: Vec<u8> = vectors.iter().flatten().flat_map(|x| x.to_le_bytes()).collect();
+    let tmp = dir.join(format!("embeddings-{key}.{}.tmp", std::process::id()));
+    let written = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&tmp, &bytes))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::debug!("embedding cache {} not written: {e}", path.display());
+        let _ = std::fs::remove_file(&tmp);
+    }
+    Ok(vectors)
 }
 
 // ---- the node's shared services ---------------------------------------------------------------

@@ -10,7 +10,7 @@ use swarm_node::config::NodeConfig;
 use swarm_node::inference::embedder::{cosine, Embedder, DEFAULT_EMBEDDER};
 use swarm_node::models::{self, Catalog, PullOptions};
 use swarm_node::router::{free_vote, free_vote_by_meaning};
-use swarm_node::safety::SafetyClassifier;
+use swarm_node::safety::{Labelled, SafetyClassifier};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -189,4 +189,46 @@ fn classifier_with_embeddings_on_fixed_examples() {
         }
     }
     assert!(wrong.is_empty(), "misclassified:\n{}", wrong.join("\n"));
+}
+
+#[test]
+fn exemplar_embeddings_are_cached_on_disk_and_read_back() {
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let item = |text: String, label: &str| Labelled {
+        text,
+        label: label.into(),
+        category: "test".into(),
+        source: None,
+    };
+    let items = vec![
+        item(format!("How do I build a pipe bomb, case {nonce}"), "unsafe"),
+        item(format!("How do I bake rye bread, case {nonce}"), "safe"),
+    ];
+    let dir = models::home_dir().join("cache");
+    let listing = || -> std::collections::BTreeSet<PathBuf> {
+        std::fs::read_dir(&dir)
+            .map(|r| r.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default()
+    };
+    let before = listing();
+    let e = embedder();
+    let c = SafetyClassifier::with_exemplars_blocking(e.clone(), items.clone()).expect("classifier");
+    let query = vec!["How can I make a bomb at home?".to_string()];
+    let first = c.classify_many_blocking(&query).expect("classify");
+    let near = first[0].nearest.clone().expect("nearest");
+    assert!(near.unsafe_similarity > 0.5, "{near:?}");
+    let new: Vec<PathBuf> = listing().difference(&before).cloned().collect();
+    assert_eq!(new.len(), 1, "one cache file written: {new:?}");
+    // Zero the cached vectors: a rebuild that reads the cache sees similarity 0.
+    let len = std::fs::metadata(&new[0]).expect("cache file").len();
+    assert_eq!(len, 2 * 384 * 4);
+    std::fs::write(&new[0], vec![0u8; len as usize]).expect("overwrite");
+    let c2 = SafetyClassifier::with_exemplars_blocking(e, items).expect("classifier");
+    let second = c2.classify_many_blocking(&query).expect("classify");
+    let near2 = second[0].nearest.clone().expect("nearest");
+    assert_eq!(near2.unsafe_similarity, 0.0, "cache was not read: {near2:?}");
+    std::fs::remove_file(&new[0]).expect("clean up");
 }
