@@ -51,7 +51,7 @@ enum Cmd {
         /// Extra random links each node dials besides its ring neighbour.
         #[arg(long, default_value_t = 2)]
         links: usize,
-        /// Advert period, ms (default: 1000, or 50 per node above 20 nodes).
+        /// Advert period, ms (default: max(1000, N²)).
         #[arg(long = "advert-ms")]
         advert_ms: Option<u64>,
         /// Stand-in inference time per answer, ms.
