@@ -5,8 +5,10 @@
 //! the key is used (the stand-in checks it) but appears in no node's output at
 //! debug level, in no API answer and not in the non-gateway node's memory;
 //! `privacy: device` never reaches the stand-in; kill -9 of the gateway hands
-//! the role to the other cloud node (the failover time is printed); a dead
-//! cloud or no gateway at all gives a degraded answer, never a hang.
+//! the role to the other cloud node (the failover time is printed) and the
+//! returning node waits out its hysteresis; a dead cloud, an exhausted budget
+//! or no gateway at all gives a degraded answer, never a hang. `slm-swarm demo`
+//! shows the local, vote and cloud routes and leaves no child running.
 //!
 //! The stand-in serves a tiny random model: answer quality is not under test here.
 
@@ -612,4 +614,61 @@ fn exhausted_cloud_budget_degrades_the_next_escalation() {
         "budget exhausted: degraded after {} ms: {reason}",
         t.elapsed().as_millis()
     );
+}
+
+#[test]
+fn demo_shows_every_route_and_stops_its_children() {
+    let dir = Scratch::new();
+    let m = tiny_models(dir.path(), &["tiny-d1", "tiny-d2", "tiny-d3", "tiny-dcloud"]);
+    let q = dir.path().join("questions.jsonl");
+    std::fs::write(
+        &q,
+        concat!(
+            "{\"question\": \"the cat sat on\", \"route\": \"local\"}\n",
+            "{\"question\": \"Which is a mammal?\", \"kind\": \"mcq\", \"route\": \"vote\", ",
+            "\"choices\": [{\"label\": \"A\", \"text\": \"shark\"}, {\"label\": \"B\", \"text\": \"dolphin\"}]}\n",
+            "{\"question\": \"the dog ran to\", \"route\": \"cloud\"}\n",
+            "{\"question\": \"the bird flew over\"}\n",
+        ),
+    )
+    .expect("questions");
+    let logs = dir.path().join("demo-logs");
+    let mut args: Vec<String> = vec!["demo".into()];
+    for p in &m[..3] {
+        args.extend(["--model".into(), p.display().to_string()]);
+    }
+    args.extend([
+        "--cloud-model".into(),
+        m[3].display().to_string(),
+        "--questions".into(),
+        q.display().to_string(),
+        "--no-fetch".into(),
+        "--json".into(),
+        "--log-dir".into(),
+        logs.display().to_string(),
+    ]);
+    let out = Command::new(bin()).args(&args).output().expect("slm-swarm demo");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stderr}");
+    assert!(stderr.contains("swarm ready"), "{stderr}");
+    let rows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON row"))
+        .collect();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    let routes: Vec<&str> = rows.iter().map(|r| r["route"].as_str().unwrap_or("")).collect();
+    assert_eq!(&routes[..3], ["local", "vote", "cloud"], "{rows:?}");
+    assert_eq!(rows[2]["gateway_node"], json!("node-1"), "{}", rows[2]);
+    assert!(rows[1]["voters"].as_u64().unwrap_or(0) >= 2, "{}", rows[1]);
+    assert!(rows.iter().all(|r| r["error"].is_null()), "{rows:?}");
+    // Every child is gone: no process runs with the demo's log directory in its arguments.
+    let needle = logs.display().to_string();
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle))
+        .collect();
+    assert!(left.is_empty(), "children still running: {left:?}");
 }

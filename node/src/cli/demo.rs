@@ -64,6 +64,10 @@ pub struct DemoArgs {
     /// Keep the children's logs in this directory (default: a temporary one, removed).
     #[arg(long)]
     pub log_dir: Option<PathBuf>,
+    /// Fetch nothing up front (the nodes still fetch a missing catalog model;
+    /// without the sentence embedder the safety classifier runs its rules only).
+    #[arg(long)]
+    pub no_fetch: bool,
     /// Print one JSON object per question instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -714,7 +718,9 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
     // The nodes' sentence embedder (safety classifier, free-text votes): without it
     // they fall back to rules only, so fetch it here with the models, with progress.
     specs.push(swarm_node::inference::embedder::DEFAULT_EMBEDDER);
-    fetch_models(&a.common, &specs)?;
+    if !a.no_fetch {
+        fetch_models(&a.common, &specs)?;
+    }
 
     let tmp;
     let dir = match &a.log_dir {
