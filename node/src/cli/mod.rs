@@ -1,5 +1,6 @@
 //! Command-line interface: argument definitions and dispatch.
 
+mod calibrate;
 mod demo;
 mod eval;
 mod local;
@@ -56,6 +57,9 @@ pub enum Command {
     /// Run the safety classifier over a labelled prompt set; print precision,
     /// recall, F1 and per-category counts.
     SafetyEval(safety::SafetyEvalArgs),
+    /// From per-model answer caches: AUROC per confidence signal, Platt fit on one
+    /// half, routing simulated on the other (accuracy vs cloud share), thresholds.
+    Calibrate(calibrate::CalibrateArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -100,7 +104,11 @@ impl Cli {
             Command::Eval(a) => a.threads,
             // Each child gets its own --threads; the demo itself computes nothing.
             Command::Demo(_) => None,
-            Command::Models(_) | Command::Query(_) | Command::Peers(_) | Command::SafetyEval(_) => None,
+            Command::Models(_)
+            | Command::Query(_)
+            | Command::Peers(_)
+            | Command::SafetyEval(_)
+            | Command::Calibrate(_) => None,
         }
     }
 
@@ -134,5 +142,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(a) => eval::eval(a),
         Command::Demo(a) => demo::demo(a),
         Command::SafetyEval(a) => safety::safety_eval(a),
+        Command::Calibrate(a) => calibrate::calibrate(a),
     }
 }

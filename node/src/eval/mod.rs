@@ -1,5 +1,6 @@
 //! Evaluation: benchmark questions, scoring answers against references.
 
+pub mod calibrate;
 pub mod dataset;
 pub mod run;
 
