@@ -88,6 +88,38 @@ pub struct ChatRequest {
     pub deadline: Instant,
 }
 
+impl ChatRequest {
+    /// A greedy multiple-choice question with options labelled A, B, …: the
+    /// request benchmarks, simulations and tests send through the router.
+    pub fn mcq(question: &str, options: &[&str], max_tokens: u32, ext: SwarmExt, within: Duration) -> Self {
+        let choices = options
+            .iter()
+            .zip(b'A'..=b'Z')
+            .map(|(t, l)| swarm_protocol::Choice {
+                label: char::from(l).to_string(),
+                text: (*t).to_string(),
+            })
+            .collect();
+        ChatRequest {
+            model: None,
+            messages: vec![ChatMessage::new("user", question)],
+            params: ChatParams {
+                max_tokens,
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: None,
+                stop: Vec::new(),
+                top_logprobs: 0,
+            },
+            ext: SwarmExt {
+                task: Some(Task::Mcq { choices }),
+                ..ext
+            },
+            deadline: Instant::now() + within,
+        }
+    }
+}
+
 /// One voter in the provenance.
 #[derive(Debug, Clone, Serialize)]
 pub struct VoterView {

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use libp2p::identity::Keypair;
 use swarm_node::config::NodeConfig;
 use swarm_node::inference::testing::FakeBackend;
-use swarm_node::inference::{Backend, ChatMessage};
+use swarm_node::inference::Backend;
 use swarm_node::network::TransportKind;
 use swarm_node::node::{Node, NodeOptions};
-use swarm_node::router::{self, ChatParams, ChatRequest, SwarmExt};
-use swarm_protocol::{Choice, Privacy, RouteOverride, Task};
+use swarm_node::router::{self, ChatRequest, SwarmExt};
+use swarm_protocol::{Privacy, RouteOverride};
 
 async fn swarm(tau_local: f32, n: usize) -> Vec<Node> {
     let mut nodes: Vec<Node> = Vec::new();
@@ -67,33 +67,18 @@ async fn swarm(tau_local: f32, n: usize) -> Vec<Node> {
 }
 
 fn mcq(i: usize, privacy: Option<Privacy>) -> ChatRequest {
-    let choices = ["shark", "dolphin", "trout", "eel"]
-        .iter()
-        .enumerate()
-        .map(|(k, t)| Choice {
-            label: ((b'A' + k as u8) as char).to_string(),
-            text: t.to_string(),
-        })
-        .collect();
-    ChatRequest {
-        model: None,
-        messages: vec![ChatMessage::new("user", &format!("Q{i}: which is a mammal?"))],
-        params: ChatParams {
-            max_tokens: 8,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: None,
-            stop: Vec::new(),
-            top_logprobs: 0,
-        },
-        ext: SwarmExt {
-            route: RouteOverride::Auto,
-            task: Some(Task::Mcq { choices }),
-            privacy,
-            min_confidence: None,
-        },
-        deadline: Instant::now() + Duration::from_secs(30),
-    }
+    let ext = SwarmExt {
+        route: RouteOverride::Auto,
+        privacy,
+        ..SwarmExt::default()
+    };
+    ChatRequest::mcq(
+        &format!("Q{i}: which is a mammal?"),
+        &["shark", "dolphin", "trout", "eel"],
+        8,
+        ext,
+        Duration::from_secs(30),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

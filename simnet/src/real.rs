@@ -17,11 +17,11 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use swarm_node::config::NodeConfig;
 use swarm_node::inference::testing::FakeBackend;
-use swarm_node::inference::{Backend, ChatMessage};
+use swarm_node::inference::Backend;
 use swarm_node::network::TransportKind;
 use swarm_node::node::{Node, NodeError, NodeOptions};
-use swarm_node::router::{self, ChatParams, ChatRequest, RouteError, SwarmExt};
-use swarm_protocol::{Choice, Privacy, RouteOverride, Task};
+use swarm_node::router::{self, ChatRequest, RouteError, SwarmExt};
+use swarm_protocol::{Privacy, RouteOverride};
 use thiserror::Error;
 
 use crate::report::round3;
@@ -411,37 +411,21 @@ impl RealSwarm {
 
 /// An MCQ forced onto the vote route, on the swarm (no cloud) privacy level.
 pub fn vote_request(q: usize) -> ChatRequest {
-    let choices = ["shark", "dolphin", "trout", "eel"]
-        .iter()
-        .enumerate()
-        .map(|(k, t)| Choice {
-            label: ((b'A' + k as u8) as char).to_string(),
-            text: t.to_string(),
-        })
-        .collect();
-    ChatRequest {
-        model: None,
-        messages: vec![ChatMessage::new(
-            "user",
-            &format!("Question {q}: which of these is a mammal?"),
-        )],
-        params: ChatParams {
-            max_tokens: 8,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: None,
-            stop: Vec::new(),
-            top_logprobs: 0,
-        },
-        ext: SwarmExt {
-            route: RouteOverride::Vote,
-            task: Some(Task::Mcq { choices }),
-            privacy: Some(Privacy::Swarm),
-            min_confidence: None,
-        },
-        deadline: Instant::now() + Duration::from_secs(60),
-    }
+    let ext = SwarmExt {
+        route: RouteOverride::Vote,
+        privacy: Some(Privacy::Swarm),
+        ..SwarmExt::default()
+    };
+    ChatRequest::mcq(
+        &format!("Question {q}: which of these is a mammal?"),
+        &MAMMAL_OPTIONS,
+        8,
+        ext,
+        Duration::from_secs(60),
+    )
 }
+
+const MAMMAL_OPTIONS: [&str; 4] = ["shark", "dolphin", "trout", "eel"];
 
 /// The router marks voters skipped after an early decision with this error text.
 const NOT_NEEDED: &str = "not needed";

@@ -18,11 +18,11 @@ use libp2p::identity::Keypair;
 use serde_json::json;
 use swarm_node::config::NodeConfig;
 use swarm_node::inference::testing::FakeBackend;
-use swarm_node::inference::{Backend, ChatMessage};
+use swarm_node::inference::Backend;
 use swarm_node::network::TransportKind;
 use swarm_node::node::{Node, NodeOptions};
-use swarm_node::router::{self, ChatParams, ChatRequest, SwarmExt};
-use swarm_protocol::{Choice, Privacy, RouteOverride, Task};
+use swarm_node::router::{self, ChatRequest, SwarmExt};
+use swarm_protocol::{Privacy, RouteOverride};
 
 use super::node::{load_backends, serve_http, StartArgs};
 use super::ModelArgs;
@@ -305,42 +305,22 @@ pub fn bench_vote(a: BenchVoteArgs) -> anyhow::Result<ExitCode> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let coord = nodes[0].clone();
-        let choices: Vec<Choice> = ["shark", "dolphin", "trout", "eel"]
-            .iter()
-            .enumerate()
-            .map(|(i, t)| Choice {
-                label: ((b'A' + i as u8) as char).to_string(),
-                text: t.to_string(),
-            })
-            .collect();
         let mut overheads = Vec::new();
         let mut walls = Vec::new();
         let warmup = 5;
         for i in 0..a.votes + warmup {
-            let req = ChatRequest {
-                model: None,
-                messages: vec![ChatMessage::new(
-                    "user",
-                    &format!("Question {i}: which is a mammal?"),
-                )],
-                params: ChatParams {
-                    max_tokens: 16,
-                    temperature: 0.0,
-                    top_p: 1.0,
-                    seed: None,
-                    stop: Vec::new(),
-                    top_logprobs: 0,
-                },
-                ext: SwarmExt {
-                    route: RouteOverride::Vote,
-                    task: Some(Task::Mcq {
-                        choices: choices.clone(),
-                    }),
-                    privacy: Some(Privacy::Swarm),
-                    min_confidence: None,
-                },
-                deadline: Instant::now() + Duration::from_secs(120),
+            let ext = SwarmExt {
+                route: RouteOverride::Vote,
+                privacy: Some(Privacy::Swarm),
+                ..SwarmExt::default()
             };
+            let req = ChatRequest::mcq(
+                &format!("Question {i}: which is a mammal?"),
+                &["shark", "dolphin", "trout", "eel"],
+                16,
+                ext,
+                Duration::from_secs(120),
+            );
             let ans = router::chat(&coord, req).await?;
             let p = ans.prov;
             let Some(vote_ms) = p.vote_ms else {
