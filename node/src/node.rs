@@ -268,6 +268,58 @@ impl Node {
         Ok((node, task))
     }
 
+    /// Starts in-process nodes on the memory transport, each bootstrapping to
+    /// the first, and waits until every node sees all the others (tests,
+    /// benchmarks). Each entry is a node's config and its models; `listen`,
+    /// `mdns` and `bootstrap` are set here.
+    pub async fn start_memory_swarm(
+        nodes: Vec<(NodeConfig, Vec<Box<dyn Backend>>)>,
+        within: Duration,
+    ) -> Result<Vec<Node>, NodeError> {
+        let deadline = Instant::now() + within;
+        let n = nodes.len();
+        let mut started: Vec<Node> = Vec::with_capacity(n);
+        for (mut cfg, backends) in nodes {
+            cfg.listen = vec!["/memory/0".into()];
+            cfg.mdns = false;
+            if let Some(first) = started.first() {
+                let addrs = first.net.listen_addrs().await?;
+                cfg.bootstrap = addrs
+                    .iter()
+                    .map(|a| format!("{a}/p2p/{}", first.peer_id))
+                    .collect();
+            }
+            let (node, _) = Node::start(NodeOptions {
+                cfg,
+                key: Keypair::generate_ed25519(),
+                backends,
+                transport: TransportKind::Memory,
+                identity_lock: None,
+                cloud: None,
+            })
+            .await?;
+            while node.net.listen_addrs().await?.is_empty() {
+                if Instant::now() > deadline {
+                    return Err(NodeError::Config("a node got no listen address".into()));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            started.push(node);
+        }
+        while started
+            .iter()
+            .any(|x| x.snapshot().peers.len() < n.saturating_sub(1))
+        {
+            if Instant::now() > deadline {
+                return Err(NodeError::Config(format!(
+                    "the {n} nodes did not converge in {within:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(started)
+    }
+
     pub fn next_request_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }

@@ -7,7 +7,6 @@
 
 use std::time::{Duration, Instant};
 
-use libp2p::identity::Keypair;
 use swarm_node::config::NodeConfig;
 use swarm_node::inference::embedder::DEFAULT_EMBEDDER;
 use swarm_node::inference::{
@@ -15,8 +14,7 @@ use swarm_node::inference::{
     InferenceError, ModelInfo, Scorer, TextScore, TokenLogprob,
 };
 use swarm_node::models::{self, Catalog, PullOptions};
-use swarm_node::network::TransportKind;
-use swarm_node::node::{Node, NodeOptions};
+use swarm_node::node::Node;
 use swarm_node::router::{self, ChatParams, ChatRequest, SwarmExt};
 use swarm_protocol::{RouteOverride, Task};
 
@@ -98,51 +96,27 @@ const ANSWERS: [(&str, f32); 3] = [
 
 async fn swarm(tag: &str, embedder: &str) -> Vec<Node> {
     let ns = format!("freevote-{tag}-{}", std::process::id());
-    let mut nodes: Vec<Node> = Vec::new();
-    for (i, (text, conf)) in ANSWERS.iter().enumerate() {
-        let mut cfg = NodeConfig {
-            name: format!("f{i}"),
-            namespace: ns.clone(),
-            listen: vec!["/memory/0".into()],
-            mdns: false,
-            advert_interval_ms: 200,
-            ..NodeConfig::default()
-        };
-        // Always vote; accept any agreement (this test is about who wins).
-        cfg.routing.tau_local = 0.99;
-        cfg.routing.tau_vote = 0.0;
-        cfg.routing.quorum = 3;
-        cfg.routing.embedder = embedder.into();
-        if let Some(first) = nodes.first() {
-            let addrs = first.net.listen_addrs().await.expect("addrs");
-            cfg.bootstrap = addrs
-                .iter()
-                .map(|a| format!("{a}/p2p/{}", first.peer_id))
-                .collect();
-        }
-        let (node, _) = Node::start(NodeOptions {
-            cfg,
-            key: Keypair::generate_ed25519(),
-            backends: vec![Fixed::boxed(&format!("fixed-{i}"), text, *conf)],
-            transport: TransportKind::Memory,
-            identity_lock: None,
-            cloud: None,
+    let nodes = ANSWERS
+        .iter()
+        .enumerate()
+        .map(|(i, (text, conf))| {
+            let mut cfg = NodeConfig {
+                name: format!("f{i}"),
+                namespace: ns.clone(),
+                advert_interval_ms: 200,
+                ..NodeConfig::default()
+            };
+            // Always vote; accept any agreement (this test is about who wins).
+            cfg.routing.tau_local = 0.99;
+            cfg.routing.tau_vote = 0.0;
+            cfg.routing.quorum = 3;
+            cfg.routing.embedder = embedder.into();
+            (cfg, vec![Fixed::boxed(&format!("fixed-{i}"), text, *conf)])
         })
+        .collect();
+    Node::start_memory_swarm(nodes, Duration::from_secs(20))
         .await
-        .expect("node");
-        let t0 = Instant::now();
-        while node.net.listen_addrs().await.expect("addrs").is_empty() {
-            assert!(t0.elapsed() < Duration::from_secs(5), "no listen address");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        nodes.push(node);
-    }
-    let t0 = Instant::now();
-    while nodes.iter().any(|x| x.snapshot().peers.len() < 2) {
-        assert!(t0.elapsed() < Duration::from_secs(20), "swarm did not converge");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    nodes
+        .expect("swarm")
 }
 
 fn question() -> ChatRequest {

@@ -3,67 +3,39 @@
 //! confidence makes every query vote, below it none do; privacy `device` never
 //! leaves the node; a vote lists every voter with its answer.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use libp2p::identity::Keypair;
 use swarm_node::config::NodeConfig;
 use swarm_node::inference::testing::FakeBackend;
 use swarm_node::inference::Backend;
-use swarm_node::network::TransportKind;
-use swarm_node::node::{Node, NodeOptions};
+use swarm_node::node::Node;
 use swarm_node::router::{self, ChatRequest, SwarmExt};
 use swarm_protocol::{Privacy, RouteOverride};
 
 async fn swarm(tau_local: f32, n: usize) -> Vec<Node> {
-    let mut nodes: Vec<Node> = Vec::new();
     let ns = format!("routing-{}-{tau_local}", std::process::id());
-    for i in 0..n {
-        let mut cfg = NodeConfig {
-            name: format!("r{i}"),
-            namespace: ns.clone(),
-            listen: vec!["/memory/0".into()],
-            mdns: false,
-            advert_interval_ms: 200,
-            ..NodeConfig::default()
-        };
-        cfg.routing.tau_local = tau_local;
-        cfg.routing.quorum = 1;
-        if let Some(first) = nodes.first() {
-            let addrs = first.net.listen_addrs().await.expect("addrs");
-            cfg.bootstrap = addrs
-                .iter()
-                .map(|a| format!("{a}/p2p/{}", first.peer_id))
-                .collect();
-        }
-        let b: Box<dyn Backend> = Box::new(FakeBackend::new(
-            &format!("fake-{i}"),
-            i as u64,
-            Duration::from_millis(5),
-            0.6,
-        ));
-        let (node, _) = Node::start(NodeOptions {
-            cfg,
-            key: Keypair::generate_ed25519(),
-            backends: vec![b],
-            transport: TransportKind::Memory,
-            identity_lock: None,
-            cloud: None,
+    let nodes = (0..n)
+        .map(|i| {
+            let mut cfg = NodeConfig {
+                name: format!("r{i}"),
+                namespace: ns.clone(),
+                advert_interval_ms: 200,
+                ..NodeConfig::default()
+            };
+            cfg.routing.tau_local = tau_local;
+            cfg.routing.quorum = 1;
+            let b: Box<dyn Backend> = Box::new(FakeBackend::new(
+                &format!("fake-{i}"),
+                i as u64,
+                Duration::from_millis(5),
+                0.6,
+            ));
+            (cfg, vec![b])
         })
+        .collect();
+    Node::start_memory_swarm(nodes, Duration::from_secs(20))
         .await
-        .expect("node");
-        let t0 = Instant::now();
-        while node.net.listen_addrs().await.expect("addrs").is_empty() {
-            assert!(t0.elapsed() < Duration::from_secs(5), "no listen address");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        nodes.push(node);
-    }
-    let t0 = Instant::now();
-    while nodes.iter().any(|x| x.snapshot().peers.len() < n - 1) {
-        assert!(t0.elapsed() < Duration::from_secs(20), "swarm did not converge");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    nodes
+        .expect("swarm")
 }
 
 fn mcq(i: usize, privacy: Option<Privacy>) -> ChatRequest {
