@@ -324,3 +324,23 @@ pub fn eval_questions(file: &str, n: usize) -> Vec<Value> {
         .map(|l| serde_json::from_str(l).expect("json line"))
         .collect()
 }
+
+/// `slm-swarm start` arguments for a node on loopback only: QUIC on a free
+/// port, HTTP on a free port, no mDNS, in namespace `ns`. Tests add the rest.
+pub fn loopback_start_args(model: &str, ns: &str) -> Vec<String> {
+    [
+        "start",
+        "--model",
+        model,
+        "--http",
+        "127.0.0.1:0",
+        "--listen",
+        "/ip4/127.0.0.1/udp/0/quic-v1",
+        "--no-mdns",
+        "--namespace",
+        ns,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}

@@ -10,25 +10,16 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, StreamProtocol};
 use serde_json::{json, Value};
-use swarm_tests::{openai_python, tiny_models, unique_ns, NodeProc};
+use swarm_tests::{loopback_start_args, openai_python, tiny_models, unique_ns, NodeProc};
 
 fn start(dir: &std::path::Path, name: &str, model: &std::path::Path, ns: &str) -> NodeProc {
-    let args: Vec<String> = vec![
-        "start".into(),
-        "--model".into(),
-        model.display().to_string(),
-        "--http".into(),
-        "127.0.0.1:0".into(),
-        "--listen".into(),
-        "/ip4/127.0.0.1/udp/0/quic-v1".into(),
-        "--no-mdns".into(),
-        "--namespace".into(),
-        ns.into(),
+    let mut args = loopback_start_args(&model.display().to_string(), ns);
+    args.extend([
         "--identity".into(),
         dir.join(format!("{name}.key")).display().to_string(),
         "--threads".into(),
         "1".into(),
-    ];
+    ]);
     NodeProc::spawn(name, &args, dir, None).expect("start node")
 }
 

@@ -17,7 +17,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use swarm_tests::{bin, http_get, http_post, tiny_models, unique_ns, wait_for, NodeProc};
+use swarm_tests::{
+    bin, http_get, http_post, loopback_start_args, tiny_models, unique_ns, wait_for, NodeProc,
+};
 
 /// Advert period of the test nodes (`SLM_TEST_ADVERT_MS` overrides, e.g. 1000
 /// to measure failover with the default interval).
@@ -61,26 +63,17 @@ fn node_args(
     boot: &[&str],
     cloud: Option<&Cloud>,
 ) -> Vec<String> {
-    let mut a: Vec<String> = vec![
-        "start".into(),
+    let mut a = loopback_start_args(&model.display().to_string(), ns);
+    a.extend([
         "--name".into(),
         name.into(),
-        "--model".into(),
-        model.display().to_string(),
-        "--http".into(),
-        "127.0.0.1:0".into(),
-        "--listen".into(),
-        "/ip4/127.0.0.1/udp/0/quic-v1".into(),
-        "--no-mdns".into(),
-        "--namespace".into(),
-        ns.into(),
         "--advert-interval".into(),
         interval_ms().to_string(),
         "--threads".into(),
         "1".into(),
         "--identity".into(),
         dir.join(format!("{name}.key")).display().to_string(),
-    ];
+    ]);
     for b in boot {
         a.extend(["--bootstrap".into(), b.to_string()]);
     }

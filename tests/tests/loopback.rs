@@ -7,27 +7,18 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use swarm_tests::{http_post_raw, tiny_models, unique_ns, wait_for, NodeProc};
+use swarm_tests::{http_post_raw, loopback_start_args, tiny_models, unique_ns, wait_for, NodeProc};
 
 const INTERVAL_MS: u64 = 500;
 
 fn args(ns: &str, model: &std::path::Path, bootstrap: Option<&str>) -> Vec<String> {
-    let mut a: Vec<String> = vec![
-        "start".into(),
-        "--model".into(),
-        model.display().to_string(),
-        "--http".into(),
-        "127.0.0.1:0".into(),
-        "--listen".into(),
-        "/ip4/127.0.0.1/udp/0/quic-v1".into(),
-        "--no-mdns".into(),
-        "--namespace".into(),
-        ns.into(),
+    let mut a = loopback_start_args(&model.display().to_string(), ns);
+    a.extend([
         "--advert-interval".into(),
         INTERVAL_MS.to_string(),
         "--threads".into(),
         "1".into(),
-    ];
+    ]);
     if let Some(b) = bootstrap {
         a.push("--bootstrap".into());
         a.push(b.into());

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use swarm_tests::{bin, ensure_models, eval_questions, unique_ns, wait_for, NodeProc};
+use swarm_tests::{bin, ensure_models, eval_questions, loopback_start_args, unique_ns, wait_for, NodeProc};
 
 const MODELS: [&str; 3] = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"];
 
@@ -21,24 +21,15 @@ fn three_models_vote_and_a_dead_voter_is_dropped() {
     let ns = unique_ns("vote");
     let mut nodes: Vec<NodeProc> = Vec::new();
     for (i, m) in MODELS.iter().enumerate() {
-        let mut a: Vec<String> = vec![
-            "start".into(),
-            "--model".into(),
-            m.to_string(),
-            "--http".into(),
-            "127.0.0.1:0".into(),
-            "--listen".into(),
-            "/ip4/127.0.0.1/udp/0/quic-v1".into(),
-            "--no-mdns".into(),
-            "--namespace".into(),
-            ns.clone(),
+        let mut a = loopback_start_args(m, &ns);
+        a.extend([
             "--advert-interval".into(),
             "500".into(),
             "--identity".into(),
             dir.path().join(format!("v{i}.key")).display().to_string(),
             "--threads".into(),
             "1".into(),
-        ];
+        ]);
         if i == 0 {
             a.push("--config".into());
             a.push(cfg.display().to_string());
