@@ -28,14 +28,21 @@ fn wire(code: ErrorCode, e: &CloudError) -> WireError {
     WireError { code, message }
 }
 
-/// The messages sent to the cloud: for constrained tasks, ask for the option itself.
+/// The messages sent to the cloud for an escalation.
 fn cloud_messages(req: &EscalateRequest) -> Vec<ChatMessage> {
-    let mut msgs: Vec<ChatMessage> = req
+    let msgs: Vec<ChatMessage> = req
         .messages
         .iter()
         .map(|m| ChatMessage::new(&m.role, &m.content))
         .collect();
-    let hint = match &req.task {
+    cloud_prompt(msgs, &req.task)
+}
+
+/// The messages sent to the cloud for a query: for constrained tasks, ask for
+/// the option itself. Public so that `eval` can measure a cloud model on
+/// exactly the prompts the gateway would send it.
+pub fn cloud_prompt(mut msgs: Vec<ChatMessage>, task: &Task) -> Vec<ChatMessage> {
+    let hint = match task {
         Task::Mcq { choices } => {
             let has_options = msgs
                 .iter()

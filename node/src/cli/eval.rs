@@ -15,7 +15,7 @@ use rand::SeedableRng;
 use serde_json::{json, Value};
 use swarm_node::eval::dataset::{self, Kind, Question};
 use swarm_node::eval::run::{self, EvalRecord, Signals, SHORT_SYSTEM};
-use swarm_node::inference::{Backend, Scorer};
+use swarm_node::inference::{Backend, ChatMessage, Scorer};
 
 use super::ModelArgs;
 
@@ -28,8 +28,19 @@ pub struct EvalArgs {
     #[arg(long, conflicts_with = "node")]
     pub model: Option<String>,
     /// …or through a live node's HTTP API (routing local → vote → cloud).
+    /// Repeat to spread the questions round-robin over several nodes, so each
+    /// coordinates a share (as `calibrate` averages over coordinator seats).
     #[arg(long)]
-    pub node: Option<String>,
+    pub node: Vec<String>,
+    /// With --node: send each question as the gateway would send it to the
+    /// cloud (options and answer hint in the prompt, no `swarm` extension), so
+    /// any OpenAI-compatible endpoint can be measured as the cloud model; the
+    /// cache then serves `calibrate --cloud`. Give --node-model.
+    #[arg(long, requires = "node")]
+    pub cloud_prompt: bool,
+    /// With --node: environment variable holding a bearer token for the endpoint.
+    #[arg(long, requires = "node")]
+    pub api_key_env: Option<String>,
     /// Only this many questions.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -74,6 +85,16 @@ fn slug(s: &str) -> String {
         .collect()
 }
 
+/// The API base of a node or endpoint URL: `http://h:p` and `http://h:p/v1` both give `…/v1`.
+fn api_base(url: &str) -> String {
+    let u = url.trim_end_matches('/');
+    if u.ends_with("/v1") {
+        u.to_string()
+    } else {
+        format!("{u}/v1")
+    }
+}
+
 fn select(mut qs: Vec<Question>, seed: Option<u64>, limit: Option<usize>) -> Vec<Question> {
     if let Some(s) = seed {
         qs.shuffle(&mut rand::rngs::StdRng::seed_from_u64(s));
@@ -84,35 +105,53 @@ fn select(mut qs: Vec<Question>, seed: Option<u64>, limit: Option<usize>) -> Vec
     qs
 }
 
-fn node_answer(
-    agent: &reqwest::blocking::Client,
-    url: &str,
-    model: Option<&str>,
-    q: &Question,
-    dataset: &str,
-) -> anyhow::Result<EvalRecord> {
+/// How `eval` talks to an HTTP endpoint.
+struct Endpoint<'a> {
+    agent: &'a reqwest::blocking::Client,
+    model: Option<&'a str>,
+    /// Bearer token, if the endpoint wants one.
+    key: Option<&'a str>,
+    /// Send the gateway's cloud prompt instead of a swarm request.
+    cloud_prompt: bool,
+}
+
+fn node_answer(ep: &Endpoint, url: &str, q: &Question, dataset: &str) -> anyhow::Result<EvalRecord> {
     let task = run::task_of(q);
-    let mut swarm = serde_json::to_value(&task)?;
-    swarm["route"] = json!("auto");
     let mut messages = Vec::new();
     let mut body = json!({});
     if q.kind == Kind::Short {
-        messages.push(json!({"role": "system", "content": SHORT_SYSTEM}));
+        messages.push(ChatMessage::new("system", SHORT_SYSTEM));
         body["max_tokens"] = json!(16);
-        body["stop"] = json!(["\n"]);
+        if !ep.cloud_prompt {
+            body["stop"] = json!(["\n"]);
+        }
     }
-    messages.push(json!({"role": "user", "content": run::prompt_of(q)}));
-    body["messages"] = json!(messages);
-    body["swarm"] = swarm;
-    if let Some(m) = model {
+    messages.push(ChatMessage::new("user", &run::prompt_of(q)));
+    if ep.cloud_prompt {
+        // What the gateway sends: no stop sequences, greedy, no swarm extension.
+        messages = swarm_node::gateway::cloud_prompt(messages, &task);
+        body["temperature"] = json!(0.0);
+    } else {
+        let mut swarm = serde_json::to_value(&task)?;
+        swarm["route"] = json!("auto");
+        body["swarm"] = swarm;
+    }
+    body["messages"] = json!(messages
+        .iter()
+        .map(|m| json!({"role": m.role, "content": m.content}))
+        .collect::<Vec<_>>());
+    if let Some(m) = ep.model {
         body["model"] = json!(m);
     }
     let t0 = Instant::now();
-    let resp = agent
-        .post(format!("{}/v1/chat/completions", url.trim_end_matches('/')))
-        .json(&body)
-        .send()
-        .with_context(|| format!("cannot reach {url}"))?;
+    let mut post = ep
+        .agent
+        .post(format!("{}/chat/completions", api_base(url)))
+        .json(&body);
+    if let Some(k) = ep.key {
+        post = post.bearer_auth(k);
+    }
+    let resp = post.send().with_context(|| format!("cannot reach {url}"))?;
     let status = resp.status();
     let v: Value = resp.json()?;
     if !status.is_success() {
@@ -131,13 +170,24 @@ fn node_answer(
     let s = &v["swarm"];
     let (answer, correct) = run::judge(q, &text);
     let f = |k: &str| s[k].as_f64().map(|x| x as f32);
+    let model = s["model"]
+        .as_str()
+        .or_else(|| v["model"].as_str())
+        .unwrap_or("")
+        .to_string();
+    // A cloud-prompt run measures the endpoint as the swarm's cloud.
+    let route = if ep.cloud_prompt {
+        "cloud"
+    } else {
+        s["route"].as_str().unwrap_or("local")
+    };
     Ok(EvalRecord {
         qid: q.id.clone(),
         dataset: dataset.to_string(),
         kind: task.kind().to_string(),
-        model: s["model"].as_str().unwrap_or("").to_string(),
-        source: format!("node:{url}"),
-        route: s["route"].as_str().unwrap_or("local").to_string(),
+        model,
+        source: format!("{}:{url}", if ep.cloud_prompt { "cloud" } else { "node" }),
+        route: route.to_string(),
         answer,
         text,
         correct,
@@ -165,13 +215,32 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
     if qs.is_empty() {
         bail!("no questions selected from {}", a.file.display());
     }
-    let who = match (&a.model, &a.node) {
+    let who = match (&a.model, a.node.first()) {
         (Some(m), None) => slug(m.rsplit('/').next().unwrap_or(m)),
         (None, Some(n)) => format!(
-            "node-{}",
-            slug(n.trim_start_matches("http://").trim_start_matches("https://"))
+            "{}-{}{}",
+            if a.cloud_prompt { "cloud" } else { "node" },
+            slug(n.trim_start_matches("http://").trim_start_matches("https://")),
+            if a.node.len() > 1 {
+                format!("-and-{}", a.node.len() - 1)
+            } else {
+                String::new()
+            }
         ),
         _ => bail!("give --model ID (one model directly) or --node URL (a live swarm)"),
+    };
+    if a.cloud_prompt && a.node_model.is_none() {
+        bail!("--cloud-prompt needs --node-model: the model name the endpoint serves");
+    }
+    let key = match &a.api_key_env {
+        Some(env) => {
+            let k = std::env::var(env).unwrap_or_default();
+            if k.trim().is_empty() {
+                bail!("--api-key-env: environment variable `{env}` is not set or empty");
+            }
+            Some(k.trim().to_string())
+        }
+        None => None,
     };
     let cache = a.cache.clone().unwrap_or_else(|| {
         swarm_node::models::home_dir()
@@ -225,12 +294,19 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
             let r = run::answer_direct(&mut be, q, &dataset, scorer)?;
             step(r, &mut done)?;
         }
-    } else if let Some(url) = &a.node {
+    } else if !a.node.is_empty() {
         let agent = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(600))
             .build()?;
-        for q in todo {
-            let r = node_answer(&agent, url, a.node_model.as_deref(), q, &dataset)?;
+        let ep = Endpoint {
+            agent: &agent,
+            model: a.node_model.as_deref(),
+            key: key.as_deref(),
+            cloud_prompt: a.cloud_prompt,
+        };
+        for (i, q) in todo.into_iter().enumerate() {
+            let url = &a.node[i % a.node.len()];
+            let r = node_answer(&ep, url, q, &dataset)?;
             step(r, &mut done)?;
         }
     }
