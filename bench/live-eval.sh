@@ -69,4 +69,5 @@ done
 [ $ok -eq 1 ] || { echo "no gateway after 300 s; see $LOGS" >&2; exit 1; }
 n=(); for u in "${urls[@]}"; do n+=(--node "$u"); done
 "$BIN" eval "${n[@]}" --file "data/eval/$DATASET.jsonl" "$@"
-echo "cloud stand-in received $(grep -c '"valid"' "$LOGS/cloud-requests.jsonl" 2>/dev/null || echo 0) authorised requests" >&2
+chat=$(grep -c '"path":"/v1/chat/completions"' "$LOGS/cloud-requests.jsonl" 2>/dev/null || true)
+echo "cloud stand-in: ${chat:-0} chat completions (the escalations), besides reachability probes" >&2

@@ -89,8 +89,48 @@ pub struct RoutingConfig {
 pub struct ModelThresholds {
     pub tau_local: Option<f32>,
     pub tau_vote: Option<f32>,
-    /// Platt calibration of this model's raw confidence: p = 1 / (1 + exp(-(a·x + b))).
+    /// Which raw score the router calibrates for this model (default `confidence`);
+    /// `calibrate` picks the one with the best AUROC on its fit half.
+    pub signal: Option<Signal>,
+    /// Platt calibration of that signal: p = 1 / (1 + exp(-(a·x + b))).
     pub platt: Option<[f32; 2]>,
+}
+
+/// A raw confidence score of one answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Signal {
+    /// Chosen option's probability (mcq/label), geometric-mean token probability (text).
+    #[default]
+    Confidence,
+    /// Chosen minus runner-up option probability (mcq/label only).
+    Margin,
+    /// Mean log-probability of the answer's tokens.
+    MeanLogprob,
+    /// Lowest token probability.
+    MinProb,
+}
+
+impl Signal {
+    pub const ALL: [Signal; 4] = [
+        Signal::Confidence,
+        Signal::Margin,
+        Signal::MeanLogprob,
+        Signal::MinProb,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Signal::Confidence => "confidence",
+            Signal::Margin => "margin",
+            Signal::MeanLogprob => "mean_logprob",
+            Signal::MinProb => "min_prob",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Signal> {
+        Signal::ALL.into_iter().find(|x| x.as_str() == s)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -163,11 +203,18 @@ impl RoutingConfig {
         )
     }
 
-    /// Calibrated confidence of a model's raw score (identity without Platt parameters).
-    pub fn calibrate(&self, model: &str, raw: f32) -> f32 {
-        match self.models.get(model).and_then(|m| m.platt) {
-            Some([a, b]) => 1.0 / (1.0 + (-(a * raw + b)).exp()),
-            None => raw.clamp(0.0, 1.0),
+    /// Calibrated confidence of an answer: Platt over the model's configured signal,
+    /// read with `score` (which returns None where the answer lacks it). Without Platt
+    /// parameters, or when the signal is missing (no margin on generated text), the
+    /// raw `confidence` stands, clamped to 0..=1: a Platt fit of one signal means
+    /// nothing applied to another.
+    pub fn calibrate(&self, model: &str, score: impl Fn(Signal) -> Option<f32>) -> f32 {
+        let m = self.models.get(model);
+        let signal = m.and_then(|m| m.signal).unwrap_or_default();
+        let fallback = || score(Signal::Confidence).unwrap_or(0.0).clamp(0.0, 1.0);
+        match (m.and_then(|m| m.platt), score(signal)) {
+            (Some([a, b]), Some(x)) if x.is_finite() => 1.0 / (1.0 + (-(a * x + b)).exp()),
+            _ => fallback(),
         }
     }
 }
@@ -331,8 +378,29 @@ mod tests {
         .expect("parse");
         assert_eq!(c.routing.thresholds("m1").0, 0.9);
         assert_eq!(c.routing.thresholds("other").0, 0.7);
-        let p = c.routing.calibrate("m1", 0.5);
+        let conf = |x: f32| move |s: Signal| (s == Signal::Confidence).then_some(x);
+        let p = c.routing.calibrate("m1", conf(0.5));
         assert!((p - 0.5).abs() < 1e-6);
-        assert_eq!(c.routing.calibrate("other", 0.3), 0.3);
+        assert_eq!(c.routing.calibrate("other", conf(0.3)), 0.3);
+    }
+
+    #[test]
+    fn calibration_reads_the_configured_signal() {
+        let c = NodeConfig::parse("[routing.models.\"m1\"]\nsignal = \"min_prob\"\nplatt = [4.0, -2.0]")
+            .expect("parse");
+        let score = |s: Signal| match s {
+            Signal::Confidence => Some(0.9),
+            Signal::MinProb => Some(0.25),
+            _ => None,
+        };
+        // Platt over min_prob (0.25): 1/(1+e^1), not over confidence (0.9).
+        let p = c.routing.calibrate("m1", score);
+        assert!((p - 1.0 / (1.0 + 1f32.exp())).abs() < 1e-6, "{p}");
+        // A signal the answer lacks falls back to the raw confidence, uncalibrated.
+        let c = NodeConfig::parse("[routing.models.\"m1\"]\nsignal = \"margin\"\nplatt = [4.0, -2.0]")
+            .expect("parse");
+        assert_eq!(c.routing.calibrate("m1", score), 0.9);
+        let e = NodeConfig::parse("[routing.models.\"m1\"]\nsignal = \"vibes\"").expect_err("bad signal");
+        assert!(e.to_string().contains("vibes"), "{e}");
     }
 }

@@ -20,10 +20,11 @@ use swarm_protocol::{
 };
 use thiserror::Error;
 
+use crate::config::Signal;
 use crate::inference::embedder::{EmbedError, Embedder};
 use crate::inference::{
-    ChatMessage, ChoiceKind, ChoiceRequest, GenerateRequest, Generation, InferenceError, ModelHandle, Prompt,
-    TokenLogprob,
+    ChatMessage, ChoiceKind, ChoiceRequest, ChoiceResult, GenerateRequest, Generation, InferenceError,
+    ModelHandle, Prompt, TokenLogprob,
 };
 use crate::node::Node;
 
@@ -237,6 +238,26 @@ pub fn task_of(messages: &[ChatMessage], declared: Option<Task>) -> Task {
     declared.unwrap_or_else(|| detect_task(last_user(messages)))
 }
 
+/// One raw signal of a scored choice, for `RoutingConfig::calibrate`.
+pub fn choice_signal(r: &ChoiceResult, s: Signal) -> Option<f32> {
+    Some(match s {
+        Signal::Confidence => r.confidence,
+        Signal::Margin => r.margin,
+        Signal::MeanLogprob => r.mean_logprob,
+        Signal::MinProb => r.min_prob,
+    })
+}
+
+/// One raw signal of generated text (no option margin there).
+pub fn generation_signal(g: &Generation, s: Signal) -> Option<f32> {
+    match s {
+        Signal::Confidence => Some(g.confidence),
+        Signal::Margin => None,
+        Signal::MeanLogprob => Some(g.mean_logprob),
+        Signal::MinProb => Some(g.min_prob),
+    }
+}
+
 /// Answer with a local model: options are scored for mcq/label tasks, text is
 /// generated otherwise. The confidence is calibrated per model.
 pub async fn answer_locally(
@@ -249,7 +270,7 @@ pub async fn answer_locally(
 ) -> Result<LocalAnswer, InferenceError> {
     let t0 = Instant::now();
     let info = model.info().clone();
-    let calibrate = |raw: f32| node.cfg.routing.calibrate(&info.id, raw);
+    let routing = &node.cfg.routing;
     match task {
         Task::Mcq { choices } => {
             let r = model
@@ -274,7 +295,7 @@ pub async fn answer_locally(
                 text,
                 normalized: Some(r.label.clone()),
                 raw_confidence: r.confidence,
-                confidence: calibrate(r.confidence),
+                confidence: routing.calibrate(&info.id, |s| choice_signal(&r, s)),
                 model: info.id.clone(),
                 generation: None,
                 prompt_tokens: r.prompt_tokens as u32,
@@ -299,7 +320,7 @@ pub async fn answer_locally(
                 text: r.label.clone(),
                 normalized: Some(r.label.clone()),
                 raw_confidence: r.confidence,
-                confidence: calibrate(r.confidence),
+                confidence: routing.calibrate(&info.id, |s| choice_signal(&r, s)),
                 model: info.id.clone(),
                 generation: None,
                 prompt_tokens: r.prompt_tokens as u32,
@@ -317,7 +338,7 @@ pub async fn answer_locally(
             Ok(LocalAnswer {
                 normalized: normalize(task, &text),
                 raw_confidence: g.confidence,
-                confidence: calibrate(g.confidence),
+                confidence: routing.calibrate(&info.id, |s| generation_signal(&g, s)),
                 model: info.id.clone(),
                 prompt_tokens: g.prompt_tokens as u32,
                 completion_tokens: g.completion_tokens as u32,
@@ -1035,7 +1056,10 @@ pub async fn serve_query(node: &Node, peer: PeerId, req: QueryRequest) -> QueryR
                 id: req.id,
                 text: truncate(g.text.trim().to_string(), swarm_protocol::MAX_TEXT_BYTES),
                 model: req.model.clone(),
-                confidence: node.cfg.routing.calibrate(&req.model, g.confidence),
+                confidence: node
+                    .cfg
+                    .routing
+                    .calibrate(&req.model, |s| generation_signal(&g, s)),
                 mean_logprob: g.mean_logprob.clamp(-1.0e6, 0.0),
                 min_prob: g.min_prob.clamp(0.0, 1.0),
                 prompt_tokens: g.prompt_tokens as u32,

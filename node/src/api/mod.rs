@@ -233,7 +233,10 @@ async fn stream_response(node: Node, req: ChatRequest, id: String) -> Result<Sse
                     node.record_speed(&model, g.completion_tokens, g.decode_ms);
                     let elapsed = t0.elapsed().as_millis() as u64;
                     node.metrics.observe_query("local", elapsed as f64);
-                    let conf = node.cfg.routing.calibrate(&model, g.confidence);
+                    let conf = node
+                        .cfg
+                        .routing
+                        .calibrate(&model, |s| crate::router::generation_signal(&g, s));
                     (
                         g.finish_reason.as_str().to_string(),
                         json!({"route": "local", "peer": node.peer_id.to_string(), "model": model,

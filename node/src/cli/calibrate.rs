@@ -12,8 +12,8 @@ use clap::Args;
 use serde_json::{json, Value};
 use swarm_node::config::NodeConfig;
 use swarm_node::eval::calibrate::{
-    auroc, choose, in_fit_half, load_cache, log_loss, pareto, simulate, sweep, vote, ModelCache, Platt,
-    Point, Signal, SimQuestion, Target,
+    auroc, choose, in_fit_half, live_point, load_cache, load_live, log_loss, pareto, simulate, sweep, vote,
+    ModelCache, Platt, Point, Signal, SimQuestion, Target,
 };
 
 #[derive(Args, Debug)]
@@ -44,6 +44,11 @@ pub struct CalibrateArgs {
     /// Write the chosen thresholds (and Platt parameters) as node config TOML.
     #[arg(long)]
     pub write_config: Option<PathBuf>,
+    /// A live run's cache (`eval --node …` through a swarm running the written config):
+    /// its accuracy and route mix are set beside the simulated point of the chosen
+    /// thresholds, on the same questions (fit half, test half, all).
+    #[arg(long)]
+    pub live: Option<PathBuf>,
     /// Print the whole report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -185,6 +190,23 @@ pub fn calibrate(a: CalibrateArgs) -> anyhow::Result<ExitCode> {
     let pts_fit = sweep(&sim_fit);
     let (pick, met_fit) = choose(&pts_fit, target, cloud_fit).context("no grid points")?;
     let on_test = simulate(&sim_test, pick.tau_local, pick.tau_vote);
+    let all: Vec<String> = fit.iter().chain(&test).cloned().collect();
+    let on_all = simulate(&sim(&all), pick.tau_local, pick.tau_vote);
+    // The live run against the simulation, on exactly the questions it answered.
+    let live = match &a.live {
+        Some(p) => {
+            let l = load_live(p).with_context(|| format!("reading {}", p.display()))?;
+            let mut halves = serde_json::Map::new();
+            for (name, ids) in [("fit", &fit), ("test", &test), ("all", &all)] {
+                let answered: Vec<String> = ids.iter().filter(|q| l.contains_key(*q)).cloned().collect();
+                let lp = live_point(&l, &answered);
+                let sp = simulate(&sim(&answered), pick.tau_local, pick.tau_vote);
+                halves.insert(name.into(), json!({"live": lp, "simulated": sp}));
+            }
+            Some(Value::Object(halves))
+        }
+        None => None,
+    };
     let front = pareto(&sweep(&sim_test));
 
     // Reference points on the test half; the best single model is picked on the fit half.
@@ -234,8 +256,9 @@ pub fn calibrate(a: CalibrateArgs) -> anyhow::Result<ExitCode> {
         "swarm": {"agreement": {"auroc": agreement_auroc}},
         "thresholds": {
             "tau_local": pick.tau_local, "tau_vote": pick.tau_vote,
-            "target_met_on_fit": met_fit, "fit": pick, "test": on_test,
+            "target_met_on_fit": met_fit, "fit": pick, "test": on_test, "all": on_all,
         },
+        "live": live,
         "reference": {
             "cloud_only": {"cloud_share": 1.0, "accuracy": cloud_test},
             "best_single": {"model": models[best].model, "cloud_share": 0.0, "accuracy": best_acc},
@@ -303,9 +326,31 @@ pub fn calibrate(a: CalibrateArgs) -> anyhow::Result<ExitCode> {
         pick.cloud_share, pick.accuracy, on_test.cloud_share, on_test.accuracy, on_test.local_share, on_test.vote_share
     );
     println!(
+        "  all:  cloud share {:.3}, accuracy {:.3}",
+        on_all.cloud_share, on_all.accuracy
+    );
+    println!(
         "reference (test): cloud-only {cloud_test:.3}; best single {} {best_acc:.3}; vote-only {:.3}",
         models[best].model, vote_only.accuracy
     );
+    if let Some(Value::Object(halves)) = &live {
+        println!("\nlive run vs simulation at these thresholds (same questions):");
+        println!("  half     n  sim_cloud sim_acc  live_cloud live_acc  live local/vote/cloud");
+        for (name, v) in halves {
+            let f = |k: &str, x: &str| v[k][x].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "  {name:<5} {:>4} {:>10.3} {:>7.3} {:>11.3} {:>8.3}  {:.3}/{:.3}/{:.3}",
+                v["live"]["n"].as_u64().unwrap_or(0),
+                f("simulated", "cloud_share"),
+                f("simulated", "accuracy"),
+                f("live", "cloud_share"),
+                f("live", "accuracy"),
+                f("live", "local_share"),
+                f("live", "vote_share"),
+                f("live", "cloud_share"),
+            );
+        }
+    }
     println!("\ncurve (test half, Pareto front):\n  cloud_share accuracy tau_local tau_vote");
     for p in &front {
         println!(
@@ -322,7 +367,7 @@ fn file_stem(p: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// The `[routing]` section with the chosen thresholds, and per-model Platt parameters.
+/// The `[routing]` section with the chosen thresholds, and per model the signal and its Platt parameters.
 fn config_text(
     models: &[ModelCache],
     fits: &[BTreeMap<Signal, SignalFit>],
@@ -337,21 +382,17 @@ fn config_text(
         pick.cloud_share, pick.accuracy, pick.tau_local, pick.tau_vote
     );
     for ((m, f), s) in models.iter().zip(fits).zip(chosen) {
-        // The node applies Platt to its `confidence` signal, so those parameters are what it can use.
-        let Some(c) = f.get(&Signal::Confidence) else {
+        // The node calibrates the same signal the simulation used, with the same fit.
+        let Some(c) = f.get(s) else {
             continue;
         };
         let id = m.model.split('@').next().unwrap_or(&m.model);
         t.push_str(&format!(
-            "\n[routing.models.\"{id}\"]\nplatt = [{:.4}, {:.4}]\n",
-            c.platt.a, c.platt.b
+            "\n[routing.models.\"{id}\"]\nsignal = \"{}\"\nplatt = [{:.4}, {:.4}]\n",
+            s.as_str(),
+            c.platt.a,
+            c.platt.b
         ));
-        if *s != Signal::Confidence {
-            t.push_str(&format!(
-                "# The thresholds were simulated with {}; the node calibrates `confidence`.\n",
-                s.as_str()
-            ));
-        }
     }
     t
 }

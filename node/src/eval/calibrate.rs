@@ -11,41 +11,8 @@ use serde::{Deserialize, Serialize};
 use super::run::{EvalRecord, Signals};
 use super::EvalError;
 
-/// A raw confidence signal a cache may carry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Signal {
-    /// Chosen option's probability (what the node calibrates today).
-    Confidence,
-    /// Chosen minus runner-up option probability.
-    Margin,
-    /// Mean log-probability of the answer's tokens.
-    MeanLogprob,
-    /// Lowest token probability.
-    MinProb,
-}
-
-impl Signal {
-    pub const ALL: [Signal; 4] = [
-        Signal::Confidence,
-        Signal::Margin,
-        Signal::MeanLogprob,
-        Signal::MinProb,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Signal::Confidence => "confidence",
-            Signal::Margin => "margin",
-            Signal::MeanLogprob => "mean_logprob",
-            Signal::MinProb => "min_prob",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Signal> {
-        Signal::ALL.into_iter().find(|x| x.as_str() == s)
-    }
-}
+/// The raw confidence signals a cache may carry (the node calibrates one per model).
+pub use crate::config::Signal;
 
 /// One model's answer to one question, reduced to what calibration needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -353,6 +320,65 @@ pub fn simulate(qs: &[SimQuestion], tau_local: f64, tau_vote: f64) -> Point {
     }
 }
 
+/// A live run's figures over some questions, with the routes the nodes reported.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LivePoint {
+    pub n: usize,
+    pub local_share: f64,
+    pub vote_share: f64,
+    pub cloud_share: f64,
+    pub accuracy: f64,
+}
+
+/// One question of a live run: the route that answered it and whether it was right.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveAnswer {
+    pub route: String,
+    pub correct: bool,
+}
+
+/// Read an `eval --node` cache (records only) by question id; later lines win.
+pub fn load_live(path: &Path) -> Result<BTreeMap<String, LiveAnswer>, EvalError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| EvalError::Io(format!("{}: {e}", path.display())))?;
+    let mut out = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<EvalRecord>(line) {
+            Ok(r) => {
+                out.insert(
+                    r.qid,
+                    LiveAnswer {
+                        route: r.route,
+                        correct: r.correct,
+                    },
+                );
+            }
+            Err(_) => tracing::warn!("{}:{}: skipping an unreadable line", path.display(), i + 1),
+        }
+    }
+    if out.is_empty() {
+        return Err(EvalError::Io(format!("{}: no answers", path.display())));
+    }
+    Ok(out)
+}
+
+/// Figures of a live run over `ids` (ids it did not answer are left out; `n` says how many counted).
+pub fn live_point(live: &BTreeMap<String, LiveAnswer>, ids: &[String]) -> LivePoint {
+    let got: Vec<&LiveAnswer> = ids.iter().filter_map(|q| live.get(q)).collect();
+    let d = got.len().max(1) as f64;
+    let share = |r: &str| got.iter().filter(|a| a.route == r).count() as f64 / d;
+    LivePoint {
+        n: got.len(),
+        local_share: share("local"),
+        vote_share: share("vote"),
+        cloud_share: share("cloud"),
+        accuracy: got.iter().filter(|a| a.correct).count() as f64 / d,
+    }
+}
+
 /// Thresholds tried: 0, 0.02, …, 1 for each.
 pub fn grid() -> Vec<f64> {
     (0..=50).map(|i| i as f64 / 50.0).collect()
@@ -477,6 +503,37 @@ mod tests {
             local: local.iter().map(|(a, ok, c)| (a.to_string(), *ok, *c)).collect(),
             cloud_correct: cloud,
         }
+    }
+
+    #[test]
+    fn live_point_counts_routes_over_the_given_ids() {
+        let dir = std::env::temp_dir().join(format!("slm-live-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let p = dir.join("live.jsonl");
+        let line = |q: &str, route: &str, ok: bool| {
+            format!(
+                r#"{{"qid":"{q}","dataset":"d","kind":"mcq","model":"m","source":"node:x","route":"{route}","answer":"A","text":"A","correct":{ok},"ms":1.0,"signals":{{"confidence":0.5,"mean_logprob":0.0,"min_prob":0.0}}}}"#
+            )
+        };
+        let text = [
+            line("q1", "local", true),
+            line("q2", "vote", false),
+            line("q3", "cloud", true),
+            "torn {".to_string(),
+            line("q4", "cloud", false),
+        ]
+        .join("\n");
+        std::fs::write(&p, text).expect("write");
+        let live = load_live(&p).expect("load");
+        assert_eq!(live.len(), 4);
+        let ids: Vec<String> = ["q1", "q2", "q3", "q9"].iter().map(|s| s.to_string()).collect();
+        let pt = live_point(&live, &ids);
+        // q9 was not answered live: three count.
+        assert_eq!(pt.n, 3);
+        assert!((pt.cloud_share - 1.0 / 3.0).abs() < 1e-12, "{pt:?}");
+        assert!((pt.local_share - 1.0 / 3.0).abs() < 1e-12, "{pt:?}");
+        assert!((pt.accuracy - 2.0 / 3.0).abs() < 1e-12, "{pt:?}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
