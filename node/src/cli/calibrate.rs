@@ -218,6 +218,8 @@ pub fn calibrate(a: CalibrateArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or(0);
     let best_acc = acc(&test, &models[best]);
     let vote_only = simulate(&sim_test, f64::INFINITY, 0.0);
+    // The swarm without a cloud: the chosen tau_local, and every vote accepted.
+    let no_cloud = simulate(&sim_test, pick.tau_local, 0.0);
     let cloud_label = if cloud.is_some() {
         "cloud cache"
     } else {
@@ -263,6 +265,7 @@ pub fn calibrate(a: CalibrateArgs) -> anyhow::Result<ExitCode> {
             "cloud_only": {"cloud_share": 1.0, "accuracy": cloud_test},
             "best_single": {"model": models[best].model, "cloud_share": 0.0, "accuracy": best_acc},
             "vote_only": vote_only,
+            "swarm_no_cloud": no_cloud,
             "swarm": on_test,
         },
         "curve": front,
@@ -330,8 +333,9 @@ pub fn calibrate(a: CalibrateArgs) -> anyhow::Result<ExitCode> {
         on_all.cloud_share, on_all.accuracy
     );
     println!(
-        "reference (test): cloud-only {cloud_test:.3}; best single {} {best_acc:.3}; vote-only {:.3}",
-        models[best].model, vote_only.accuracy
+        "reference (test): cloud-only {cloud_test:.3}; best single {} {best_acc:.3}; vote-only {:.3}; \
+         no cloud (tau_local {:.2}, every vote accepted) {:.3}",
+        models[best].model, vote_only.accuracy, pick.tau_local, no_cloud.accuracy
     );
     if let Some(Value::Object(halves)) = &live {
         println!("\nlive run vs simulation at these thresholds (same questions):");
