@@ -6,8 +6,6 @@
 //! scoring), not only the last one. Activations are plain f32 rows between
 //! the matmuls, so a decode step costs the matmuls and little else.
 
-use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Content;
@@ -42,83 +40,40 @@ struct Layer {
     local: bool,
 }
 
-/// Append-only rows of one layer's keys or values, [position][kv_head·head_dim].
-/// Clones of a cache share it: a cache may write in place only at the end of
-/// what has been written (`filled`), so positions another clone can still
-/// read are never overwritten; otherwise it copies its prefix first.
-struct KvRows {
-    data: UnsafeCell<Vec<f32>>,
-    row: usize,
-    cap: usize,
-    filled: AtomicUsize,
-}
-
-// SAFETY: rows below `filled` are immutable; rows at or above it are written
-// only by the one cache that claimed them through the `filled` CAS.
-unsafe impl Sync for KvRows {}
-unsafe impl Send for KvRows {}
-
-impl KvRows {
-    fn with_capacity(row: usize, cap: usize) -> Self {
-        Self {
-            data: UnsafeCell::new(vec![0f32; row * cap]),
-            row,
-            cap,
-            filled: AtomicUsize::new(0),
+/// Append `src` (whole rows of `row` floats) after the first `len` rows of
+/// `slot`. Clones of a cache share their buffers (a prefix cache and the
+/// queries extending it); a buffer is written in place only by its sole
+/// owner, anyone else copies the `len` rows it uses first. Copy-on-write
+/// costs one prefix copy per clone that diverges (a few MB at most, far less
+/// than recomputing the prefix) and keeps the cache free of unsafe code.
+fn append(slot: &mut Option<Arc<Vec<f32>>>, len: usize, src: &[f32], row: usize, max: usize) {
+    let keep = len * row;
+    if let Some(buf) = slot.as_mut().and_then(Arc::get_mut) {
+        if buf.len() >= keep {
+            // Rows past `len` belong to a truncated tail nobody else can see.
+            buf.truncate(keep);
+            buf.extend_from_slice(src);
+            return;
         }
     }
-
-    /// The first `len` rows (callers only pass len ≤ their own length ≤ filled).
-    fn rows(&self, len: usize) -> &[f32] {
-        // SAFETY: rows < filled are never written again (see the type's doc).
-        unsafe { &(&*self.data.get())[..len * self.row] }
-    }
-
-    /// Write `src` (whole rows) at row `at`; the caller has claimed them.
-    fn write(&self, at: usize, src: &[f32]) {
-        // SAFETY: the claimed rows [at, at + src.len()/row) are ours alone and
-        // within capacity (checked by `append`).
-        unsafe {
-            let base = (*self.data.get()).as_mut_ptr().add(at * self.row);
-            std::ptr::copy_nonoverlapping(src.as_ptr(), base, src.len());
-        }
-    }
-}
-
-/// Append `src` rows after the first `len` rows of `slot`, copying the prefix
-/// into a new buffer when the old one is shared past `len` or full.
-fn append(slot: &mut Option<Arc<KvRows>>, len: usize, src: &[f32], row: usize, max: usize) {
-    let add = src.len() / row;
-    if let Some(buf) = slot.as_mut() {
-        if len + add <= buf.cap {
-            if let Some(b) = Arc::get_mut(buf) {
-                // Sole owner: whatever lies past `len` is ours to overwrite.
-                *b.filled.get_mut() = len;
-            }
-            if buf
-                .filled
-                .compare_exchange(len, len + add, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                buf.write(len, src);
-                return;
-            }
-        }
-    }
-    let cap = (2 * (len + add)).clamp(256, max.max(len + add));
-    let fresh = KvRows::with_capacity(row, cap);
+    let rows = len + src.len() / row;
+    // Room to grow without reallocating for a while, never past the model's
+    // context (`max`), which bounds what a cache can ever hold.
+    let cap = (2 * rows).max(256).min(max.max(rows));
+    let mut fresh = Vec::with_capacity(cap * row);
     if let Some(old) = slot.as_ref() {
-        fresh.write(0, old.rows(len));
+        fresh.extend_from_slice(&old[..keep]);
     }
-    fresh.write(len, src);
-    fresh.filled.store(len + add, Ordering::Release);
+    fresh.extend_from_slice(src);
     *slot = Some(Arc::new(fresh));
 }
 
 #[derive(Clone, Default)]
 struct KvLayer {
-    k: Option<Arc<KvRows>>,
-    v: Option<Arc<KvRows>>,
+    /// Keys, [position][kv_head·head_dim].
+    k: Option<Arc<Vec<f32>>>,
+    /// Values, same layout.
+    v: Option<Arc<Vec<f32>>>,
 }
 
 /// Keys and values of the positions seen so far, per layer.
@@ -407,7 +362,8 @@ impl Transformer {
             scale: 1.0 / (hd as f32).sqrt(),
         };
         let mut y = vec![0f32; seq * c.n_head * hd];
-        ops::attention(&q, kb.rows(total), vb.rows(total), &shape, &mut y);
+        let n = total * row;
+        ops::attention(&q, &kb[..n], &vb[..n], &shape, &mut y);
         Ok(l.wo.forward_rows(&y, seq)?)
     }
 }
@@ -440,31 +396,40 @@ mod tests {
     #[test]
     fn shared_kv_rows_are_never_overwritten() {
         let row = 2;
-        let mut a: Option<Arc<KvRows>> = None;
+        let mut a: Option<Arc<Vec<f32>>> = None;
         append(&mut a, 0, &[1.0, 1.0, 2.0, 2.0], row, 64);
         // b shares a's buffer; both extend from position 2.
         let mut b = a.clone();
         append(&mut a, 2, &[3.0, 3.0], row, 64);
         append(&mut b, 2, &[9.0, 9.0], row, 64);
         let (a, b) = (a.expect("a"), b.expect("b"));
-        assert_eq!(a.rows(3), &[1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
-        assert_eq!(b.rows(3), &[1.0, 1.0, 2.0, 2.0, 9.0, 9.0]);
+        assert_eq!(a[..6], [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
+        assert_eq!(b[..6], [1.0, 1.0, 2.0, 2.0, 9.0, 9.0]);
         // A truncated sole owner reuses its buffer in place.
         let mut c = Some(a);
-        let ptr = c.as_ref().map(|x| Arc::as_ptr(x));
+        let ptr = c.as_ref().map(|x| x.as_ptr());
         append(&mut c, 1, &[5.0, 5.0], row, 64);
-        assert_eq!(c.as_ref().map(|x| Arc::as_ptr(x)), ptr);
-        assert_eq!(c.expect("c").rows(2), &[1.0, 1.0, 5.0, 5.0]);
+        assert_eq!(c.as_ref().map(|x| x.as_ptr()), ptr);
+        assert_eq!(c.expect("c")[..], [1.0, 1.0, 5.0, 5.0]);
+        // A shared prefix truncated below what the other holder uses is copied.
+        let mut d = Some(b.clone());
+        append(&mut d, 1, &[7.0, 7.0], row, 64);
+        assert_eq!(d.expect("d")[..], [1.0, 1.0, 7.0, 7.0]);
+        assert_eq!(b[..6], [1.0, 1.0, 2.0, 2.0, 9.0, 9.0]);
     }
 
     #[test]
-    fn kv_rows_grow_past_their_capacity() {
-        let mut a: Option<Arc<KvRows>> = None;
+    fn kv_rows_grow_past_their_capacity_and_small_contexts() {
+        let mut a: Option<Arc<Vec<f32>>> = None;
         let mut want = Vec::new();
         for i in 0..600 {
             append(&mut a, i, &[i as f32], 1, 8192);
             want.push(i as f32);
         }
-        assert_eq!(a.expect("a").rows(600), want.as_slice());
+        assert_eq!(a.expect("a")[..], want[..]);
+        // A context shorter than the default reservation (tiny test models).
+        let mut b: Option<Arc<Vec<f32>>> = None;
+        append(&mut b, 0, &[1.0; 12], 3, 16);
+        assert_eq!(b.expect("b").len(), 12);
     }
 }
