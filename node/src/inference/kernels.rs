@@ -8,6 +8,9 @@
 //! and AVX512-VNNI (vpdpbusd on ymm) variants; anything else (K-quants, other
 //! CPUs) goes through candle's `QMatMul`.
 
+// Without x86 kernels the packing code is unused: `isa()` is always None.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -42,6 +45,9 @@ impl Enc {
 struct Packed {
     enc: Enc,
     n: usize,
+    /// n rounded up to whole groups of 8 columns; the padding columns have
+    /// zero weights and scales, and the kernels write them to scratch only.
+    n_pad: usize,
     k: usize,
     /// Blocks per row (k / 32).
     nb: usize,
@@ -145,14 +151,14 @@ impl Packed {
     /// Repack ggml blocks (`raw`, n rows of k/32 blocks) or None for other shapes/types.
     fn new(dtype: GgmlDType, raw: &[u8], n: usize, k: usize) -> Option<Self> {
         let (bb, enc) = block_bytes(dtype)?;
-        if k == 0 || k % QK != 0 || n == 0 || n % LANES != 0 {
+        if k == 0 || k % QK != 0 || n == 0 {
             return None;
         }
         let nb = k / QK;
         if raw.len() != n * nb * bb {
             return None;
         }
-        let groups = n / LANES;
+        let groups = n.div_ceil(LANES);
         let eb = enc.bytes();
         let mut qs = vec![0u8; groups * nb * eb];
         let mut d = vec![0f32; groups * nb * LANES];
@@ -192,6 +198,7 @@ impl Packed {
         Some(Self {
             enc,
             n,
+            n_pad: groups * LANES,
             k,
             nb,
             qs,
@@ -284,7 +291,7 @@ mod x86 {
             let a: &ActQ = $a;
             let nb = p.nb;
             let k = p.k;
-            let n = p.n;
+            let n = p.n_pad;
             let eb = p.enc.bytes();
             let mut acc = [[_mm256_setzero_ps(); $G]; $R];
             let low = _mm256_set1_epi8(0x0f);
@@ -515,10 +522,22 @@ fn packed_matmul(p: &Packed, x: &[f32], m: usize, isa: Isa, dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         assert_eq!(x.len(), m * p.k, "lhs size");
-        assert!(dst.len() >= m * p.n, "dst size");
+        assert_eq!(dst.len(), m * p.n, "dst size");
+        if m == 0 {
+            return;
+        }
+        // The tiles write whole groups of 8 columns; a ragged n goes through
+        // scratch rows of n_pad and is compacted afterwards.
+        let mut scratch = Vec::new();
+        let out: &mut [f32] = if p.n_pad == p.n {
+            dst
+        } else {
+            scratch.resize(m * p.n_pad, 0f32);
+            &mut scratch
+        };
         let a = x86::quantize(x, m, p.k);
-        let groups = p.n / LANES;
-        let dst_ptr = dst.as_mut_ptr() as usize;
+        let groups = p.n_pad / LANES;
+        let out_ptr = SharedOut(out.as_mut_ptr());
         // Work items: (row panel, column chunk). Panels of 16 rows keep the
         // quantized rows in L1 while a chunk of weights streams past them.
         const PANEL: usize = 16;
@@ -531,12 +550,15 @@ fn packed_matmul(p: &Packed, x: &[f32], m: usize, isa: Isa, dst: &mut [f32]) {
             let rows = PANEL.min(m - r0);
             let g0 = ci * chunk;
             let g1 = groups.min(g0 + chunk);
-            // SAFETY: items cover disjoint (row, column) ranges of dst, which
-            // holds m·n floats; the ISA was detected at runtime.
+            let ptr = out_ptr.get();
+            // SAFETY: items cover disjoint (row, column-group) ranges of `out`,
+            // which holds m·n_pad floats and outlives the pool call; the ISA
+            // was detected at runtime (`isa()`), and `Isa::Vnni` only when
+            // every feature tiles_vnni enables is present.
             unsafe {
                 match isa {
-                    Isa::Vnni => x86::tiles_vnni(p, &a, r0, rows, g0, g1, dst_ptr as *mut f32),
-                    Isa::Avx2 => x86::tiles_avx2(p, &a, r0, rows, g0, g1, dst_ptr as *mut f32),
+                    Isa::Vnni => x86::tiles_vnni(p, &a, r0, rows, g0, g1, ptr),
+                    Isa::Avx2 => x86::tiles_avx2(p, &a, r0, rows, g0, g1, ptr),
                 }
             }
         };
@@ -546,11 +568,36 @@ fn packed_matmul(p: &Packed, x: &[f32], m: usize, isa: Isa, dst: &mut [f32]) {
                 run(item)
             }
         });
+        if p.n_pad != p.n {
+            for (d, s) in dst.chunks_exact_mut(p.n).zip(scratch.chunks_exact(p.n_pad)) {
+                d.copy_from_slice(&s[..p.n]);
+            }
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (p, x, m, isa, dst);
         unreachable!("packed kernels are x86-only; isa() is None elsewhere");
+    }
+}
+
+/// The output pointer handed to the pool's threads; each writes a disjoint
+/// part of the buffer (see `packed_matmul`).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: the pointer is only dereferenced for disjoint ranges while the
+// buffer it points into is borrowed mutably by `packed_matmul`.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for SharedOut {}
+
+#[cfg(target_arch = "x86_64")]
+impl SharedOut {
+    /// A method rather than field access so closures capture the Sync
+    /// wrapper, not the raw pointer field (edition 2021 disjoint captures).
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 
@@ -741,8 +788,9 @@ mod tests {
                 GgmlDType::Q5_1,
                 GgmlDType::Q8_0,
             ] {
-                // m covers decode, the 4-row tiles and their remainders; n the
-                // 2-group tiles and an odd group count.
+                // m covers decode, the 4-row tiles and their remainders and
+                // more than one 16-row panel; n the 2-group tiles, an odd
+                // group count and n not a multiple of 8.
                 for (m, k, n) in [
                     (1, 64, 8),
                     (1, 576, 200),
@@ -750,6 +798,13 @@ mod tests {
                     (5, 640, 64),
                     (17, 896, 136),
                     (36, 256, 40),
+                    // A single block per row, and column counts that leave a
+                    // ragged last group (padded in the packed layout).
+                    (1, 32, 8),
+                    (2, 32, 13),
+                    (5, 32, 3),
+                    (4, 160, 21),
+                    (1, 64, 1),
                 ] {
                     let d = compare(dtype, m, k, n, isa);
                     assert!(d < 0.02, "{dtype:?} m={m} k={k} n={n} {isa:?}: {d} off candle");
