@@ -332,4 +332,80 @@ mod tests {
         t.apply(&mut b, 1, 3, false);
         assert!((b[0] - 3f32.cos()).abs() < 1e-6 && (b[2] - 3f32.sin()).abs() < 1e-6);
     }
+
+    fn pseudo(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i + seed) * 7919 % 1999) as f32 / 999.5) - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn dot_matches_a_plain_sum_for_ragged_lengths() {
+        for n in [0, 1, 7, 8, 9, 31, 64, 100] {
+            let (a, b) = (pseudo(n, 1), pseudo(n, 5));
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            assert!((dot(&a, &b) as f64 - want).abs() < 1e-4, "n={n}");
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_its_definition() {
+        let d = 24;
+        let x = pseudo(3 * d, 3);
+        let w = pseudo(d, 9);
+        let eps = 1e-6;
+        let mut out = vec![0f32; x.len()];
+        rms_norm(&x, &w, eps, &mut out);
+        let mut inplace = x.clone();
+        rms_norm_inplace(&mut inplace, &w, eps);
+        assert_eq!(out, inplace);
+        for (r, row) in x.chunks(d).enumerate() {
+            let ms: f64 = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / d as f64;
+            let s = 1.0 / (ms + eps as f64).sqrt();
+            for j in 0..d {
+                let want = row[j] as f64 * s * w[j] as f64;
+                assert!((out[r * d + j] as f64 - want).abs() < 1e-5, "row {r} col {j}");
+            }
+        }
+    }
+
+    /// Both rotary layouts against candle's `rope_i`/`rope`, which the model
+    /// used before these ops; several heads and a non-zero start position.
+    #[test]
+    fn rope_matches_candle_for_both_layouts() {
+        use candle_core::{Device, Tensor};
+        let (seq, heads, dim, pos) = (5, 3, 16, 7);
+        let t = RopeTable::new(dim, 10000.0, 32);
+        let x = pseudo(seq * heads * dim, 17);
+        let dev = Device::Cpu;
+        let cos = Tensor::from_slice(&t.cos[pos * dim / 2..(pos + seq) * dim / 2], (seq, dim / 2), &dev)
+            .expect("cos");
+        let sin = Tensor::from_slice(&t.sin[pos * dim / 2..(pos + seq) * dim / 2], (seq, dim / 2), &dev)
+            .expect("sin");
+        // candle wants (batch, heads, seq, dim); ours is [seq][heads][dim].
+        let xt = Tensor::from_slice(&x, (1, seq, heads, dim), &dev)
+            .and_then(|t| t.transpose(1, 2))
+            .and_then(|t| t.contiguous())
+            .expect("x");
+        for interleaved in [true, false] {
+            let want = if interleaved {
+                candle_nn::rotary_emb::rope_i(&xt, &cos, &sin)
+            } else {
+                candle_nn::rotary_emb::rope(&xt, &cos, &sin)
+            };
+            let want = want
+                .and_then(|t| t.transpose(1, 2))
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("want");
+            let mut got = x.clone();
+            t.apply(&mut got, heads, pos, interleaved);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() < 1e-5,
+                    "interleaved={interleaved} at {i}: {g} vs {w}"
+                );
+            }
+        }
+    }
 }
