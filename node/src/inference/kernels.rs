@@ -151,7 +151,7 @@ impl Packed {
     /// Repack ggml blocks (`raw`, n rows of k/32 blocks) or None for other shapes/types.
     fn new(dtype: GgmlDType, raw: &[u8], n: usize, k: usize) -> Option<Self> {
         let (bb, enc) = block_bytes(dtype)?;
-        if k == 0 || k % QK != 0 || n == 0 {
+        if k == 0 || !k.is_multiple_of(QK) || n == 0 {
             return None;
         }
         let nb = k / QK;
