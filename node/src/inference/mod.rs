@@ -4,7 +4,9 @@
 pub mod embedder;
 pub mod engine;
 pub mod gguf;
+pub mod kernels;
 pub mod model;
+pub mod ops;
 pub mod sampling;
 pub mod template;
 pub mod testing;

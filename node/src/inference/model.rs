@@ -1,75 +1,92 @@
 //! One decoder-only transformer for the GGUF architectures we ship (llama, qwen2,
-//! gemma3) on candle's quantized kernels. Unlike candle-transformers' models it
-//! keeps weights immutable and the KV cache outside (so caches can be kept,
-//! truncated and shared as prefixes), and it returns hidden states for every
-//! position (needed for log-likelihood scoring), not only the last one.
+//! gemma3) on our quantized kernels (candle's for the K-quants). Unlike
+//! candle-transformers' models it keeps weights immutable and the KV cache
+//! outside (so caches can be kept, truncated and shared as prefixes), and it
+//! returns hidden states for every position (needed for log-likelihood
+//! scoring), not only the last one. Activations are plain f32 rows between
+//! the matmuls, so a decode step costs the matmuls and little else.
 
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor, D};
 
 use super::gguf::{Arch, ModelConfig};
+use super::kernels::QLinear;
+use super::ops::{self, AttnShape, RopeTable};
 use super::InferenceError;
 
 /// Positions we precompute rotary tables for; prompts beyond this are refused.
 pub const MAX_POSITIONS: usize = 8192;
 
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rope {
-    fn new(dim: usize, base: f32, positions: usize, dev: &Device) -> candle_core::Result<Self> {
-        let inv: Vec<f32> = (0..dim)
-            .step_by(2)
-            .map(|i| 1f32 / base.powf(i as f32 / dim as f32))
-            .collect();
-        let inv = Tensor::new(inv.as_slice(), dev)?;
-        let t = Tensor::arange(0u32, positions as u32, dev)?
-            .to_dtype(DType::F32)?
-            .reshape((positions, 1))?;
-        let freqs = t.matmul(&inv.reshape((1, dim / 2))?)?;
-        Ok(Self {
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
-        })
-    }
-}
-
 struct Layer {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
-    bq: Option<Tensor>,
-    bk: Option<Tensor>,
-    bv: Option<Tensor>,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
-    attn_norm: Tensor,
-    post_attn_norm: Option<Tensor>,
-    ffn_norm: Tensor,
-    post_ffn_norm: Option<Tensor>,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    wq: QLinear,
+    wk: QLinear,
+    wv: QLinear,
+    wo: QLinear,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    attn_norm: Vec<f32>,
+    post_attn_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    post_ffn_norm: Option<Vec<f32>>,
+    gate: QLinear,
+    up: QLinear,
+    down: QLinear,
     local: bool,
+}
+
+/// Append `src` (whole rows of `row` floats) after the first `len` rows of
+/// `slot`. Clones of a cache share their buffers (a prefix cache and the
+/// queries extending it); a buffer is written in place only by its sole
+/// owner, anyone else copies the `len` rows it uses first. Copy-on-write
+/// costs one prefix copy per clone that diverges (a few MB at most, far less
+/// than recomputing the prefix) and keeps the cache free of unsafe code.
+fn append(slot: &mut Option<Arc<Vec<f32>>>, len: usize, src: &[f32], row: usize, max: usize) {
+    let keep = len * row;
+    if let Some(buf) = slot.as_mut().and_then(Arc::get_mut) {
+        if buf.len() >= keep {
+            // Rows past `len` belong to a truncated tail nobody else can see.
+            buf.truncate(keep);
+            buf.extend_from_slice(src);
+            return;
+        }
+    }
+    let rows = len + src.len() / row;
+    // Room to grow without reallocating for a while, never past the model's
+    // context (`max`), which bounds what a cache can ever hold.
+    let cap = (2 * rows).max(256).min(max.max(rows));
+    let mut fresh = Vec::with_capacity(cap * row);
+    if let Some(old) = slot.as_ref() {
+        fresh.extend_from_slice(&old[..keep]);
+    }
+    fresh.extend_from_slice(src);
+    *slot = Some(Arc::new(fresh));
+}
+
+#[derive(Clone, Default)]
+struct KvLayer {
+    /// Keys, [position][kv_head·head_dim].
+    k: Option<Arc<Vec<f32>>>,
+    /// Values, same layout.
+    v: Option<Arc<Vec<f32>>>,
 }
 
 /// Keys and values of the positions seen so far, per layer.
 #[derive(Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<KvLayer>,
     len: usize,
 }
 
 impl KvCache {
     pub fn new(n_layer: usize) -> Self {
         Self {
-            layers: vec![None; n_layer],
+            layers: vec![KvLayer::default(); n_layer],
             len: 0,
         }
     }
@@ -82,19 +99,11 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Keep only the first `len` positions (the tensors are shared views).
+    /// Keep only the first `len` positions (the buffers stay shared).
     pub fn truncate(&mut self, len: usize) -> Result<(), InferenceError> {
-        if len >= self.len {
-            return Ok(());
+        if len < self.len {
+            self.len = len;
         }
-        for slot in self.layers.iter_mut() {
-            if let Some((k, v)) = slot.take() {
-                if len > 0 {
-                    *slot = Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?));
-                }
-            }
-        }
-        self.len = len;
         Ok(())
     }
 }
@@ -102,14 +111,18 @@ impl KvCache {
 pub struct Transformer {
     pub cfg: ModelConfig,
     embed: Arc<QTensor>,
-    embed_scale: Option<f64>,
+    embed_scale: Option<f32>,
     layers: Vec<Layer>,
-    norm: Tensor,
-    output: QMatMul,
-    rope: Rope,
-    rope_local: Option<Rope>,
+    norm: Vec<f32>,
+    output: QLinear,
+    rope: RopeTable,
+    rope_local: Option<RopeTable>,
     device: Device,
     max_positions: usize,
+}
+
+fn to_vec(t: &Tensor) -> Result<Vec<f32>, InferenceError> {
+    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
 }
 
 impl Transformer {
@@ -132,18 +145,18 @@ impl Transformer {
         };
         let embed = Arc::new(get("token_embd.weight")?);
         let output = if content.tensor_infos.contains_key("output.weight") {
-            QMatMul::from_qtensor(get("output.weight")?)?
+            QLinear::new(Arc::new(get("output.weight")?))?
         } else {
-            QMatMul::from_arc(embed.clone())?
+            QLinear::new(embed.clone())?
         };
-        let norm = get("output_norm.weight")?.dequantize(&dev)?;
+        let norm = to_vec(&get("output_norm.weight")?.dequantize(&dev)?)?;
         let mut layers = Vec::with_capacity(cfg.n_layer);
         let has = |n: &str| content.tensor_infos.contains_key(n);
         for i in 0..cfg.n_layer {
             let p = format!("blk.{i}");
-            let mut opt = |name: String| -> Result<Option<Tensor>, InferenceError> {
+            let mut opt = |name: String| -> Result<Option<Vec<f32>>, InferenceError> {
                 if has(&name) {
-                    Ok(Some(get(&name)?.dequantize(&dev)?))
+                    Ok(Some(to_vec(&get(&name)?.dequantize(&dev)?)?))
                 } else {
                     Ok(None)
                 }
@@ -155,8 +168,12 @@ impl Transformer {
             let k_norm = opt(format!("{p}.attn_k_norm.weight"))?;
             let post_attn_norm = opt(format!("{p}.post_attention_norm.weight"))?;
             let post_ffn_norm = opt(format!("{p}.post_ffw_norm.weight"))?;
-            let mut q = |name: &str| -> Result<QMatMul, InferenceError> {
-                Ok(QMatMul::from_qtensor(get(&format!("{p}.{name}"))?)?)
+            let attn_norm = opt(format!("{p}.attn_norm.weight"))?
+                .ok_or_else(|| InferenceError::BadModel(format!("{p}.attn_norm.weight missing")))?;
+            let ffn_norm = opt(format!("{p}.ffn_norm.weight"))?
+                .ok_or_else(|| InferenceError::BadModel(format!("{p}.ffn_norm.weight missing")))?;
+            let mut q = |name: &str| -> Result<QLinear, InferenceError> {
+                Ok(QLinear::new(Arc::new(get(&format!("{p}.{name}"))?))?)
             };
             let layer = Layer {
                 wq: q("attn_q.weight")?,
@@ -171,22 +188,34 @@ impl Transformer {
                 bv,
                 q_norm,
                 k_norm,
-                attn_norm: get(&format!("{p}.attn_norm.weight"))?.dequantize(&dev)?,
+                attn_norm,
                 post_attn_norm,
-                ffn_norm: get(&format!("{p}.ffn_norm.weight"))?.dequantize(&dev)?,
+                ffn_norm,
                 post_ffn_norm,
                 local: cfg.is_local_layer(i),
             };
+            let c = &cfg;
+            let (qn, kvn) = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
+            let shapes_ok = layer.wq.out_features() == qn
+                && layer.wk.out_features() == kvn
+                && layer.wv.out_features() == kvn
+                && layer.attn_norm.len() == c.n_embd
+                && layer.ffn_norm.len() == c.n_embd
+                && layer.q_norm.as_ref().is_none_or(|w| w.len() == c.head_dim)
+                && layer.k_norm.as_ref().is_none_or(|w| w.len() == c.head_dim);
+            if !shapes_ok {
+                return Err(InferenceError::BadModel(format!(
+                    "{p}: tensor shapes do not match the header"
+                )));
+            }
             layers.push(layer);
         }
         let max_positions = cfg.context_length.clamp(16, MAX_POSITIONS);
-        let rope = Rope::new(cfg.head_dim, cfg.rope_base, max_positions, &dev)?;
-        let rope_local = if cfg.sliding_window.is_some() {
-            Some(Rope::new(cfg.head_dim, cfg.rope_base_local, max_positions, &dev)?)
-        } else {
-            None
-        };
-        let embed_scale = (cfg.arch == Arch::Gemma3).then(|| (cfg.n_embd as f64).sqrt());
+        let rope = RopeTable::new(cfg.head_dim, cfg.rope_base, max_positions);
+        let rope_local = cfg
+            .sliding_window
+            .map(|_| RopeTable::new(cfg.head_dim, cfg.rope_base_local, max_positions));
+        let embed_scale = (cfg.arch == Arch::Gemma3).then(|| (cfg.n_embd as f64).sqrt() as f32);
         Ok(Self {
             cfg,
             embed,
@@ -231,44 +260,39 @@ impl Transformer {
                 "token id {bad} out of vocabulary"
             )));
         }
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed.embedding(&ids)?;
-        if let Some(s) = self.embed_scale {
-            x = (x * s)?;
+        if cache.layers.len() != self.layers.len() {
+            return Err(InferenceError::BadRequest("cache of another model".into()));
         }
-        let mut x = x.unsqueeze(0)?;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = to_vec(&self.embed.embedding(&ids)?)?;
+        if let Some(s) = self.embed_scale {
+            x.iter_mut().for_each(|v| *v *= s);
+        }
         let eps = self.cfg.rms_eps as f32;
-        let mask = self.mask(seq, pos)?;
-        let mask_local = match self.cfg.sliding_window {
-            Some(w) if pos + seq > w => self.mask_window(seq, pos, w)?,
-            _ => mask.clone(),
-        };
-        for (i, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let m = if layer.local { &mask_local } else { &mask };
-            let a = self.attention(layer, &h, pos, &mut cache.layers[i], m.as_ref())?;
-            let a = match &layer.post_attn_norm {
-                Some(w) => candle_nn::ops::rms_norm(&a, w, eps)?,
-                None => a,
-            };
-            x = (x + a)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let g = layer.gate.forward(&h)?;
-            let u = layer.up.forward(&h)?;
-            let act = match self.cfg.arch {
-                Arch::Gemma3 => g.gelu()?,
-                Arch::Llama | Arch::Qwen2 => candle_nn::ops::silu(&g)?,
-            };
-            let f = layer.down.forward(&(act * u)?)?;
-            let f = match &layer.post_ffn_norm {
-                Some(w) => candle_nn::ops::rms_norm(&f, w, eps)?,
-                None => f,
-            };
-            x = (x + f)?;
+        let mut h = vec![0f32; x.len()];
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            ops::rms_norm(&x, &layer.attn_norm, eps, &mut h);
+            let mut a = self.attention(layer, &h, pos, seq, slot)?;
+            if let Some(w) = &layer.post_attn_norm {
+                ops::rms_norm_inplace(&mut a, w, eps);
+            }
+            x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
+            ops::rms_norm(&x, &layer.ffn_norm, eps, &mut h);
+            let mut g = layer.gate.forward_rows(&h, seq)?;
+            let u = layer.up.forward_rows(&h, seq)?;
+            match self.cfg.arch {
+                Arch::Gemma3 => ops::gelu_mul(&mut g, &u),
+                Arch::Llama | Arch::Qwen2 => ops::silu_mul(&mut g, &u),
+            }
+            let mut f = layer.down.forward_rows(&g, seq)?;
+            if let Some(w) = &layer.post_ffn_norm {
+                ops::rms_norm_inplace(&mut f, w, eps);
+            }
+            x.iter_mut().zip(&f).for_each(|(x, f)| *x += f);
         }
         cache.len = pos + seq;
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        Ok(x.squeeze(0)?)
+        ops::rms_norm_inplace(&mut x, &self.norm, eps);
+        Ok(Tensor::from_vec(x, (seq, self.cfg.n_embd), &self.device)?)
     }
 
     /// Logits for hidden states of shape (n, n_embd) → (n, vocab).
@@ -279,114 +303,68 @@ impl Transformer {
     /// Logits of the last row of `hidden`, as a vector.
     pub fn last_logits(&self, hidden: &Tensor) -> Result<Vec<f32>, InferenceError> {
         let n = hidden.dim(0)?;
-        let last = hidden.narrow(0, n - 1, 1)?;
-        Ok(self.logits(&last)?.squeeze(0)?.to_vec1::<f32>()?)
+        let last = to_vec(&hidden.narrow(0, n - 1, 1)?)?;
+        Ok(self.output.forward_rows(&last, 1)?)
     }
 
     fn attention(
         &self,
         l: &Layer,
-        h: &Tensor,
+        h: &[f32],
         pos: usize,
-        slot: &mut Option<(Tensor, Tensor)>,
-        mask: Option<&Tensor>,
-    ) -> Result<Tensor, InferenceError> {
+        seq: usize,
+        slot: &mut KvLayer,
+    ) -> Result<Vec<f32>, InferenceError> {
         let c = &self.cfg;
-        let (b, seq, _) = h.dims3()?;
-        let proj = |w: &QMatMul, bias: &Option<Tensor>| -> candle_core::Result<Tensor> {
-            let y = w.forward(h)?;
-            match bias {
-                Some(bias) => y.broadcast_add(bias),
-                None => Ok(y),
+        let hd = c.head_dim;
+        let proj = |w: &QLinear, bias: &Option<Vec<f32>>| -> candle_core::Result<Vec<f32>> {
+            let mut y = w.forward_rows(h, seq)?;
+            if let Some(b) = bias {
+                for row in y.chunks_exact_mut(b.len()) {
+                    row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+                }
             }
+            Ok(y)
         };
-        let q = proj(&l.wq, &l.bq)?
-            .reshape((b, seq, c.n_head, c.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = proj(&l.wk, &l.bk)?
-            .reshape((b, seq, c.n_kv_head, c.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = proj(&l.wv, &l.bv)?
-            .reshape((b, seq, c.n_kv_head, c.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let mut q = proj(&l.wq, &l.bq)?;
+        let mut k = proj(&l.wk, &l.bk)?;
+        let v = proj(&l.wv, &l.bv)?;
         let eps = c.rms_eps as f32;
-        let q = match &l.q_norm {
-            Some(w) => candle_nn::ops::rms_norm(&q, w, eps)?,
-            None => q,
-        };
-        let k = match &l.k_norm {
-            Some(w) => candle_nn::ops::rms_norm(&k, w, eps)?,
-            None => k,
-        };
+        if let Some(w) = &l.q_norm {
+            ops::rms_norm_inplace(&mut q, w, eps);
+        }
+        if let Some(w) = &l.k_norm {
+            ops::rms_norm_inplace(&mut k, w, eps);
+        }
         let rope = match (&self.rope_local, l.local) {
             (Some(r), true) => r,
             _ => &self.rope,
         };
-        let cos = rope.cos.narrow(0, pos, seq)?;
-        let sin = rope.sin.narrow(0, pos, seq)?;
         // GGUF llama weights are permuted for interleaved rotary pairs; qwen2 and
         // gemma3 use the NeoX half-split layout (llama.cpp's rope type).
-        let (q, k) = match c.arch {
-            Arch::Llama => (
-                candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
-                candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
-            ),
-            Arch::Qwen2 | Arch::Gemma3 => (
-                candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
-                candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
-            ),
+        let interleaved = c.arch == Arch::Llama;
+        rope.apply(&mut q, c.n_head, pos, interleaved);
+        rope.apply(&mut k, c.n_kv_head, pos, interleaved);
+        let row = c.n_kv_head * hd;
+        append(&mut slot.k, pos, &k, row, self.max_positions);
+        append(&mut slot.v, pos, &v, row, self.max_positions);
+        let (Some(kb), Some(vb)) = (&slot.k, &slot.v) else {
+            return Err(InferenceError::Compute("kv cache not written".into()));
         };
-        let (k, v) = match slot.take() {
-            Some((kc, vc)) if pos > 0 => (Tensor::cat(&[&kc, &k], 2)?, Tensor::cat(&[&vc, &v], 2)?),
-            _ => (k, v),
+        let total = pos + seq;
+        let shape = AttnShape {
+            n_head: c.n_head,
+            n_kv_head: c.n_kv_head,
+            head_dim: hd,
+            pos,
+            seq,
+            window: if l.local { c.sliding_window } else { None },
+            scale: 1.0 / (hd as f32).sqrt(),
         };
-        *slot = Some((k.clone(), v.clone()));
-        let rep = c.n_head / c.n_kv_head;
-        let k = candle_transformers::utils::repeat_kv(k, rep)?;
-        let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?;
-        let att = match mask {
-            Some(m) => att.broadcast_add(m)?,
-            None => att,
-        };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v)?;
-        let y = y.transpose(1, 2)?.reshape((b, seq, c.n_head * c.head_dim))?;
-        Ok(l.wo.forward(&y)?)
-    }
-
-    /// Additive causal mask (seq, pos+seq), or None for a single new position.
-    fn mask(&self, seq: usize, pos: usize) -> Result<Option<Tensor>, InferenceError> {
-        if seq == 1 {
-            return Ok(None);
-        }
-        let kv = pos + seq;
-        let data: Vec<f32> = (0..seq)
-            .flat_map(|i| (0..kv).map(move |j| if j <= pos + i { 0.0 } else { f32::NEG_INFINITY }))
-            .collect();
-        Ok(Some(Tensor::from_vec(data, (seq, kv), &self.device)?))
-    }
-
-    /// Causal mask that also hides keys `window` or more positions back.
-    fn mask_window(&self, seq: usize, pos: usize, window: usize) -> Result<Option<Tensor>, InferenceError> {
-        let kv = pos + seq;
-        let data: Vec<f32> = (0..seq)
-            .flat_map(|i| {
-                let p = pos + i;
-                (0..kv).map(move |j| {
-                    if j <= p && p - j < window {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
-            })
-            .collect();
-        Ok(Some(Tensor::from_vec(data, (seq, kv), &self.device)?))
+        let mut y = vec![0f32; seq * c.n_head * hd];
+        let n = total * row;
+        ops::attention(&q, &kb[..n], &vb[..n], &shape, &mut y);
+        Ok(l.wo.forward_rows(&y, seq)?)
     }
 }
 
@@ -409,4 +387,49 @@ pub fn row_logprobs(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>, Infere
     let idx = Tensor::new(targets, logits.device())?.unsqueeze(1)?;
     let picked = logits.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?;
     Ok(picked.iter().zip(lse.iter()).map(|(p, l)| p - l).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_kv_rows_are_never_overwritten() {
+        let row = 2;
+        let mut a: Option<Arc<Vec<f32>>> = None;
+        append(&mut a, 0, &[1.0, 1.0, 2.0, 2.0], row, 64);
+        // b shares a's buffer; both extend from position 2.
+        let mut b = a.clone();
+        append(&mut a, 2, &[3.0, 3.0], row, 64);
+        append(&mut b, 2, &[9.0, 9.0], row, 64);
+        let (a, b) = (a.expect("a"), b.expect("b"));
+        assert_eq!(a[..6], [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
+        assert_eq!(b[..6], [1.0, 1.0, 2.0, 2.0, 9.0, 9.0]);
+        // A truncated sole owner reuses its buffer in place.
+        let mut c = Some(a);
+        let ptr = c.as_ref().map(|x| x.as_ptr());
+        append(&mut c, 1, &[5.0, 5.0], row, 64);
+        assert_eq!(c.as_ref().map(|x| x.as_ptr()), ptr);
+        assert_eq!(c.expect("c")[..], [1.0, 1.0, 5.0, 5.0]);
+        // A shared prefix truncated below what the other holder uses is copied.
+        let mut d = Some(b.clone());
+        append(&mut d, 1, &[7.0, 7.0], row, 64);
+        assert_eq!(d.expect("d")[..], [1.0, 1.0, 7.0, 7.0]);
+        assert_eq!(b[..6], [1.0, 1.0, 2.0, 2.0, 9.0, 9.0]);
+    }
+
+    #[test]
+    fn kv_rows_grow_past_their_capacity_and_small_contexts() {
+        let mut a: Option<Arc<Vec<f32>>> = None;
+        let mut want = Vec::new();
+        for i in 0..600 {
+            append(&mut a, i, &[i as f32], 1, 8192);
+            want.push(i as f32);
+        }
+        assert_eq!(a.expect("a")[..], want[..]);
+        // A context shorter than the default reservation (tiny test models).
+        let mut b: Option<Arc<Vec<f32>>> = None;
+        append(&mut b, 0, &[1.0; 12], 3, 16);
+        assert_eq!(b.expect("b").len(), 12);
+    }
 }

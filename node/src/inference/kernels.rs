@@ -1,0 +1,847 @@
+//! Quantized matmul for the 32-value GGUF block formats (Q4_0, Q4_1, Q5_0,
+//! Q5_1, Q8_0), which candle 0.11 runs through scalar (Q4_1, Q5_x) or
+//! one-pair-at-a-time (Q8_0) dot products on x86. Weights are repacked at load
+//! so one 256-bit register holds 4 consecutive k-values of 8 output columns;
+//! activations are quantized to int8 once per call and broadcast 4 bytes at a
+//! time, so the register lanes are output columns and a block's scales are
+//! applied once per 8 columns instead of once per dot product. AVX2 (maddubs)
+//! and AVX512-VNNI (vpdpbusd on ymm) variants; anything else (K-quants, other
+//! CPUs) goes through candle's `QMatMul`.
+
+// Without x86 kernels the packing code is unused: `isa()` is always None.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+
+/// Values per quantization block of the formats handled here.
+const QK: usize = 32;
+/// Output columns per register (8 lanes × 4 k-values of int8).
+const LANES: usize = 8;
+
+/// How a block's weights are stored in the packed layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Enc {
+    /// Unsigned 4-bit values, two per byte (Q4_0, Q4_1): 128 bytes per 8 columns.
+    Nib,
+    /// Unsigned values 0..32 in full bytes (Q5_0, Q5_1): 256 bytes per 8 columns.
+    U8,
+    /// Signed bytes (Q8_0): 256 bytes per 8 columns.
+    I8,
+}
+
+impl Enc {
+    const fn bytes(self) -> usize {
+        match self {
+            Enc::Nib => QK / 2 * LANES,
+            Enc::U8 | Enc::I8 => QK * LANES,
+        }
+    }
+}
+
+/// A weight matrix (n outputs × k inputs) in the column-interleaved layout.
+struct Packed {
+    enc: Enc,
+    n: usize,
+    /// n rounded up to whole groups of 8 columns; the padding columns have
+    /// zero weights and scales, and the kernels write them to scratch only.
+    n_pad: usize,
+    k: usize,
+    /// Blocks per row (k / 32).
+    nb: usize,
+    /// [n/8 groups][nb blocks][enc.bytes()]
+    qs: Vec<u8>,
+    /// Block scales, [n/8][nb][8].
+    d: Vec<f32>,
+    /// Coefficient of the activation block sum (the block minimum, or minus the
+    /// zero point times the scale), [n/8][nb][8]; all zero for plain Q8_0.
+    m: Vec<f32>,
+    /// Whether `m` is non-zero anywhere (Q8_0 on AVX2 has no offset term).
+    has_m: bool,
+}
+
+/// f16 bits to f32 (normals, subnormals, inf/nan), for reading block scales.
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    let bits = if exp == 0 {
+        if man == 0 {
+            sign
+        } else {
+            // Subnormal: value = man · 2^-24.
+            let v = man as f32 * (1.0 / 16_777_216.0);
+            return if sign != 0 { -v } else { v };
+        }
+    } else if exp == 31 {
+        sign | 0x7f80_0000 | (man << 13)
+    } else {
+        sign | ((exp + 112) << 23) | (man << 13)
+    };
+    f32::from_bits(bits)
+}
+
+fn rd16(b: &[u8], at: usize) -> f32 {
+    f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
+}
+
+/// One block's 32 weight values as integers plus its scale and offset
+/// coefficient, so that w[i] = d·q[i] + m·1 (m multiplies the activation sum).
+fn decode_block(dtype: GgmlDType, b: &[u8]) -> ([i16; QK], f32, f32) {
+    let mut q = [0i16; QK];
+    match dtype {
+        GgmlDType::Q4_0 => {
+            let d = rd16(b, 0);
+            for j in 0..16 {
+                q[j] = (b[2 + j] & 0x0f) as i16;
+                q[j + 16] = (b[2 + j] >> 4) as i16;
+            }
+            (q, d, -8.0 * d)
+        }
+        GgmlDType::Q4_1 => {
+            let (d, m) = (rd16(b, 0), rd16(b, 2));
+            for j in 0..16 {
+                q[j] = (b[4 + j] & 0x0f) as i16;
+                q[j + 16] = (b[4 + j] >> 4) as i16;
+            }
+            (q, d, m)
+        }
+        GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
+            let (d, m, qh_at) = if dtype == GgmlDType::Q5_0 {
+                let d = rd16(b, 0);
+                (d, -16.0 * d, 2)
+            } else {
+                (rd16(b, 0), rd16(b, 2), 4)
+            };
+            let qh = u32::from_le_bytes([b[qh_at], b[qh_at + 1], b[qh_at + 2], b[qh_at + 3]]);
+            let qs = &b[qh_at + 4..qh_at + 20];
+            for j in 0..16 {
+                let h0 = ((qh >> j) & 1) as i16;
+                let h1 = ((qh >> (j + 16)) & 1) as i16;
+                q[j] = (qs[j] & 0x0f) as i16 | (h0 << 4);
+                q[j + 16] = (qs[j] >> 4) as i16 | (h1 << 4);
+            }
+            (q, d, m)
+        }
+        GgmlDType::Q8_0 => {
+            let d = rd16(b, 0);
+            for j in 0..QK {
+                q[j] = b[2 + j] as i8 as i16;
+            }
+            (q, d, 0.0)
+        }
+        _ => (q, 0.0, 0.0),
+    }
+}
+
+fn block_bytes(dtype: GgmlDType) -> Option<(usize, Enc)> {
+    Some(match dtype {
+        GgmlDType::Q4_0 => (18, Enc::Nib),
+        GgmlDType::Q4_1 => (20, Enc::Nib),
+        GgmlDType::Q5_0 => (22, Enc::U8),
+        GgmlDType::Q5_1 => (24, Enc::U8),
+        GgmlDType::Q8_0 => (34, Enc::I8),
+        _ => return None,
+    })
+}
+
+impl Packed {
+    /// Repack ggml blocks (`raw`, n rows of k/32 blocks) or None for other shapes/types.
+    fn new(dtype: GgmlDType, raw: &[u8], n: usize, k: usize) -> Option<Self> {
+        let (bb, enc) = block_bytes(dtype)?;
+        if k == 0 || !k.is_multiple_of(QK) || n == 0 {
+            return None;
+        }
+        let nb = k / QK;
+        if raw.len() != n * nb * bb {
+            return None;
+        }
+        let groups = n.div_ceil(LANES);
+        let eb = enc.bytes();
+        let mut qs = vec![0u8; groups * nb * eb];
+        let mut d = vec![0f32; groups * nb * LANES];
+        let mut m = vec![0f32; groups * nb * LANES];
+        for col in 0..n {
+            let (g, c) = (col / LANES, col % LANES);
+            for b in 0..nb {
+                let at = (col * nb + b) * bb;
+                let (q, scale, off) = decode_block(dtype, &raw[at..at + bb]);
+                let gb = g * nb + b;
+                d[gb * LANES + c] = scale;
+                m[gb * LANES + c] = off;
+                let dst = &mut qs[gb * eb..(gb + 1) * eb];
+                // Register t (k-values 4t..4t+4) holds column c's 4 bytes at 4c.
+                match enc {
+                    Enc::Nib => {
+                        // Register h (0..4) low nibbles: k 4h.., high nibbles: k 16+4h..
+                        for h in 0..4 {
+                            for i in 0..4 {
+                                let lo = q[4 * h + i] as u8;
+                                let hi = q[16 + 4 * h + i] as u8;
+                                dst[h * 32 + 4 * c + i] = lo | (hi << 4);
+                            }
+                        }
+                    }
+                    Enc::U8 | Enc::I8 => {
+                        for t in 0..8 {
+                            for i in 0..4 {
+                                dst[t * 32 + 4 * c + i] = q[4 * t + i] as i8 as u8;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let has_m = m.iter().any(|&x| x != 0.0);
+        Some(Self {
+            enc,
+            n,
+            n_pad: groups * LANES,
+            k,
+            nb,
+            qs,
+            d,
+            m,
+            has_m,
+        })
+    }
+}
+
+/// Activation rows quantized to int8 per 32-value block.
+struct ActQ {
+    /// [m][k]
+    q: Vec<i8>,
+    /// Block scale, [m][nb].
+    d: Vec<f32>,
+    /// Block scale times the sum of the block's int8 values, [m][nb].
+    s: Vec<f32>,
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{ActQ, Enc, Packed, LANES, QK};
+    use core::arch::x86_64::*;
+
+    /// Quantize `x` (rows of k) to int8 blocks: d = max|x|/127, q = round(x/d).
+    pub(super) fn quantize(x: &[f32], rows: usize, k: usize) -> ActQ {
+        let nb = k / QK;
+        let mut out = ActQ {
+            q: vec![0i8; rows * k],
+            d: vec![0f32; rows * nb],
+            s: vec![0f32; rows * nb],
+        };
+        // SAFETY: avx2/fma were checked by the caller (`supported()`); all
+        // indices stay inside the rows·k / rows·nb buffers allocated above.
+        unsafe { quantize_avx2(x, rows * nb, &mut out) };
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn quantize_avx2(x: &[f32], blocks: usize, out: &mut ActQ) {
+        let sign = _mm256_set1_ps(-0.0);
+        for blk in 0..blocks {
+            // SAFETY: blk < blocks = x.len() / 32, so the 32 floats are in bounds.
+            unsafe {
+                let p = x.as_ptr().add(blk * QK);
+                let v0 = _mm256_loadu_ps(p);
+                let v1 = _mm256_loadu_ps(p.add(8));
+                let v2 = _mm256_loadu_ps(p.add(16));
+                let v3 = _mm256_loadu_ps(p.add(24));
+                let mut mx = _mm256_andnot_ps(sign, v0);
+                mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v1));
+                mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v2));
+                mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v3));
+                let m4 = _mm_max_ps(_mm256_extractf128_ps(mx, 1), _mm256_castps256_ps128(mx));
+                let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+                let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+                let amax = _mm_cvtss_f32(m4);
+                let d = amax / 127.0;
+                let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+                let mul = _mm256_set1_ps(id);
+                const R: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+                let i0 = _mm256_cvtps_epi32(_mm256_round_ps::<R>(_mm256_mul_ps(v0, mul)));
+                let i1 = _mm256_cvtps_epi32(_mm256_round_ps::<R>(_mm256_mul_ps(v1, mul)));
+                let i2 = _mm256_cvtps_epi32(_mm256_round_ps::<R>(_mm256_mul_ps(v2, mul)));
+                let i3 = _mm256_cvtps_epi32(_mm256_round_ps::<R>(_mm256_mul_ps(v3, mul)));
+                let sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+                let s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+                let s4 = _mm_hadd_epi32(s4, s4);
+                let s4 = _mm_hadd_epi32(s4, s4);
+                let isum = _mm_cvtsi128_si32(s4);
+                // packs interleave 128-bit lanes; the permute restores element order.
+                let p01 = _mm256_packs_epi32(i0, i1);
+                let p23 = _mm256_packs_epi32(i2, i3);
+                let b = _mm256_packs_epi16(p01, p23);
+                let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256(out.q.as_mut_ptr().add(blk * QK) as *mut __m256i, b);
+                *out.d.get_unchecked_mut(blk) = d;
+                *out.s.get_unchecked_mut(blk) = d * isum as f32;
+            }
+        }
+    }
+
+    /// The body of one tile: rows r0..r0+R of the activations against column
+    /// groups g0..g0+G, written to dst[(r0+r)·n + 8(g0+g) ..]. `$dot` adds the
+    /// int8 products of (u8 weights, i8 activations) into an i32x8 accumulator.
+    macro_rules! tile_body {
+        ($p:ident, $a:ident, $r0:ident, $g0:ident, $dst:ident, $R:expr, $G:expr, $dot:ident, $vnni:expr) => {{
+            let p: &Packed = $p;
+            let a: &ActQ = $a;
+            let nb = p.nb;
+            let k = p.k;
+            let n = p.n_pad;
+            let eb = p.enc.bytes();
+            let mut acc = [[_mm256_setzero_ps(); $G]; $R];
+            let low = _mm256_set1_epi8(0x0f);
+            let flip = _mm256_set1_epi8(-128);
+            for b in 0..nb {
+                let mut ia = [[_mm256_setzero_si256(); $G]; $R];
+                let qa = |r: usize, t: usize| -> __m256i {
+                    let at = ($r0 + r) * k + b * QK + 4 * t;
+                    _mm256_set1_epi32(core::ptr::read_unaligned(a.q.as_ptr().add(at) as *const i32))
+                };
+                match p.enc {
+                    Enc::Nib => {
+                        for h in 0..4 {
+                            let mut lo = [_mm256_setzero_si256(); $G];
+                            let mut hi = [_mm256_setzero_si256(); $G];
+                            for g in 0..$G {
+                                let w =
+                                    _mm256_loadu_si256(p.qs.as_ptr().add((($g0 + g) * nb + b) * eb + h * 32)
+                                        as *const __m256i);
+                                lo[g] = _mm256_and_si256(w, low);
+                                hi[g] = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+                            }
+                            for r in 0..$R {
+                                let x0 = qa(r, h);
+                                let x1 = qa(r, h + 4);
+                                for g in 0..$G {
+                                    ia[r][g] = $dot(ia[r][g], lo[g], x0);
+                                    ia[r][g] = $dot(ia[r][g], hi[g], x1);
+                                }
+                            }
+                        }
+                    }
+                    Enc::U8 => {
+                        for t in 0..8 {
+                            let mut w = [_mm256_setzero_si256(); $G];
+                            for g in 0..$G {
+                                w[g] =
+                                    _mm256_loadu_si256(p.qs.as_ptr().add((($g0 + g) * nb + b) * eb + t * 32)
+                                        as *const __m256i);
+                            }
+                            for r in 0..$R {
+                                let x = qa(r, t);
+                                for g in 0..$G {
+                                    ia[r][g] = $dot(ia[r][g], w[g], x);
+                                }
+                            }
+                        }
+                    }
+                    Enc::I8 => {
+                        for t in 0..8 {
+                            let mut w = [_mm256_setzero_si256(); $G];
+                            for g in 0..$G {
+                                w[g] =
+                                    _mm256_loadu_si256(p.qs.as_ptr().add((($g0 + g) * nb + b) * eb + t * 32)
+                                        as *const __m256i);
+                            }
+                            if $vnni {
+                                // w+128 as u8; the -128·d·Σa term is added with the offsets.
+                                for g in 0..$G {
+                                    w[g] = _mm256_xor_si256(w[g], flip);
+                                }
+                                for r in 0..$R {
+                                    let x = qa(r, t);
+                                    for g in 0..$G {
+                                        ia[r][g] = $dot(ia[r][g], w[g], x);
+                                    }
+                                }
+                            } else {
+                                // maddubs needs unsigned weights: |w| times x with w's sign.
+                                let mut aw = [_mm256_setzero_si256(); $G];
+                                for g in 0..$G {
+                                    aw[g] = _mm256_abs_epi8(w[g]);
+                                }
+                                for r in 0..$R {
+                                    let x = qa(r, t);
+                                    for g in 0..$G {
+                                        ia[r][g] = $dot(ia[r][g], aw[g], _mm256_sign_epi8(x, w[g]));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                let i8_off = p.enc == Enc::I8 && $vnni;
+                for g in 0..$G {
+                    let at = (($g0 + g) * nb + b) * LANES;
+                    let dv = _mm256_loadu_ps(p.d.as_ptr().add(at));
+                    let mv = if i8_off {
+                        _mm256_mul_ps(dv, _mm256_set1_ps(-128.0))
+                    } else {
+                        _mm256_loadu_ps(p.m.as_ptr().add(at))
+                    };
+                    for r in 0..$R {
+                        let ab = ($r0 + r) * nb + b;
+                        let sd = _mm256_mul_ps(dv, _mm256_set1_ps(*a.d.get_unchecked(ab)));
+                        acc[r][g] = _mm256_fmadd_ps(sd, _mm256_cvtepi32_ps(ia[r][g]), acc[r][g]);
+                        if p.has_m || i8_off {
+                            acc[r][g] =
+                                _mm256_fmadd_ps(mv, _mm256_set1_ps(*a.s.get_unchecked(ab)), acc[r][g]);
+                        }
+                    }
+                }
+            }
+            for r in 0..$R {
+                for g in 0..$G {
+                    _mm256_storeu_ps($dst.add(($r0 + r) * n + ($g0 + g) * LANES), acc[r][g]);
+                }
+            }
+        }};
+    }
+
+    #[inline(always)]
+    unsafe fn dot_avx2(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        // SAFETY: avx2 is checked at runtime before any kernel runs.
+        unsafe {
+            _mm256_add_epi32(
+                acc,
+                _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)),
+            )
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        // SAFETY: only reached from the avx512vnni/avx512vl functions below.
+        unsafe { _mm256_dpbusd_epi32(acc, w, x) }
+    }
+
+    macro_rules! tile_fns {
+        ($name:ident, $feat:literal, $dot:ident, $vnni:expr) => {
+            /// Rows [r0, r0+rows) × groups [g0, g1) into dst (row stride n).
+            #[target_feature(enable = $feat)]
+            pub(super) unsafe fn $name(
+                p: &Packed,
+                a: &ActQ,
+                r0: usize,
+                rows: usize,
+                g0: usize,
+                g1: usize,
+                dst: *mut f32,
+            ) {
+                // SAFETY: the caller guarantees r0+rows ≤ m, g1 ≤ n/8 and that no
+                // other thread writes the same dst elements.
+                unsafe {
+                    let mut r = r0;
+                    let r_end = r0 + rows;
+                    while r + 4 <= r_end {
+                        let mut g = g0;
+                        while g + 2 <= g1 {
+                            tile_body!(p, a, r, g, dst, 4, 2, $dot, $vnni);
+                            g += 2;
+                        }
+                        if g < g1 {
+                            tile_body!(p, a, r, g, dst, 4, 1, $dot, $vnni);
+                        }
+                        r += 4;
+                    }
+                    while r < r_end {
+                        let mut g = g0;
+                        while g + 4 <= g1 {
+                            tile_body!(p, a, r, g, dst, 1, 4, $dot, $vnni);
+                            g += 4;
+                        }
+                        while g < g1 {
+                            tile_body!(p, a, r, g, dst, 1, 1, $dot, $vnni);
+                            g += 1;
+                        }
+                        r += 1;
+                    }
+                }
+            }
+        };
+    }
+
+    tile_fns!(tiles_avx2, "avx2,fma", dot_avx2, false);
+    tile_fns!(
+        tiles_vnni,
+        "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni",
+        dot_vnni,
+        true
+    );
+
+    pub(super) fn has_vnni() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+
+    pub(super) fn supported() -> bool {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+}
+
+/// Which kernel variant runs (fixed per process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx2,
+    Vnni,
+}
+
+/// The best kernel variant this CPU runs, or None (use candle's kernels).
+/// `SLM_SWARM_KERNELS=avx2` forces the AVX2 variant, `=candle` disables ours.
+pub fn isa() -> Option<Isa> {
+    use std::sync::OnceLock;
+    static ISA: OnceLock<Option<Isa>> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let force = std::env::var("SLM_SWARM_KERNELS").unwrap_or_default();
+            if force == "candle" || !x86::supported() {
+                return None;
+            }
+            if force != "avx2" && x86::has_vnni() {
+                return Some(Isa::Vnni);
+            }
+            Some(Isa::Avx2)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    })
+}
+
+/// (m × k) · packedᵀ → (m × n), on candle's thread pool.
+fn packed_matmul(p: &Packed, x: &[f32], m: usize, isa: Isa, dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert_eq!(x.len(), m * p.k, "lhs size");
+        assert_eq!(dst.len(), m * p.n, "dst size");
+        if m == 0 {
+            return;
+        }
+        // The tiles write whole groups of 8 columns; a ragged n goes through
+        // scratch rows of n_pad and is compacted afterwards.
+        let mut scratch = Vec::new();
+        let out: &mut [f32] = if p.n_pad == p.n {
+            dst
+        } else {
+            scratch.resize(m * p.n_pad, 0f32);
+            &mut scratch
+        };
+        let a = x86::quantize(x, m, p.k);
+        let groups = p.n_pad / LANES;
+        let out_ptr = SharedOut(out.as_mut_ptr());
+        // Work items: (row panel, column chunk). Panels of 16 rows keep the
+        // quantized rows in L1 while a chunk of weights streams past them.
+        const PANEL: usize = 16;
+        let chunk = if m == 1 { 4 } else { 8 };
+        let n_chunks = groups.div_ceil(chunk);
+        let panels = m.div_ceil(PANEL);
+        let run = |item: usize| {
+            let (pi, ci) = (item / n_chunks, item % n_chunks);
+            let r0 = pi * PANEL;
+            let rows = PANEL.min(m - r0);
+            let g0 = ci * chunk;
+            let g1 = groups.min(g0 + chunk);
+            let ptr = out_ptr.get();
+            // SAFETY: items cover disjoint (row, column-group) ranges of `out`,
+            // which holds m·n_pad floats and outlives the pool call; the ISA
+            // was detected at runtime (`isa()`), and `Isa::Vnni` only when
+            // every feature tiles_vnni enables is present.
+            unsafe {
+                match isa {
+                    Isa::Vnni => x86::tiles_vnni(p, &a, r0, rows, g0, g1, ptr),
+                    Isa::Avx2 => x86::tiles_avx2(p, &a, r0, rows, g0, g1, ptr),
+                }
+            }
+        };
+        let items = panels * n_chunks;
+        candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+            for item in range {
+                run(item)
+            }
+        });
+        if p.n_pad != p.n {
+            for (d, s) in dst.chunks_exact_mut(p.n).zip(scratch.chunks_exact(p.n_pad)) {
+                d.copy_from_slice(&s[..p.n]);
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (p, x, m, isa, dst);
+        unreachable!("packed kernels are x86-only; isa() is None elsewhere");
+    }
+}
+
+/// The output pointer handed to the pool's threads; each writes a disjoint
+/// part of the buffer (see `packed_matmul`).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: the pointer is only dereferenced for disjoint ranges while the
+// buffer it points into is borrowed mutably by `packed_matmul`.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for SharedOut {}
+
+#[cfg(target_arch = "x86_64")]
+impl SharedOut {
+    /// A method rather than field access so closures capture the Sync
+    /// wrapper, not the raw pointer field (edition 2021 disjoint captures).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// A linear layer y = x·Wᵀ over quantized weights: our packed kernels where
+/// the format and CPU allow, candle's `QMatMul` otherwise.
+pub struct QLinear {
+    n: usize,
+    k: usize,
+    imp: Imp,
+}
+
+enum Imp {
+    Candle(QMatMul),
+    Packed(Packed, Isa),
+}
+
+impl QLinear {
+    pub fn new(w: Arc<QTensor>) -> candle_core::Result<Self> {
+        let (n, k) = w.shape().dims2()?;
+        if let Some(isa) = isa() {
+            if matches!(w.device(), Device::Cpu) {
+                let raw = w.data()?;
+                if let Some(p) = Packed::new(w.dtype(), &raw, n, k) {
+                    return Ok(Self {
+                        n,
+                        k,
+                        imp: Imp::Packed(p, isa),
+                    });
+                }
+            }
+        }
+        Ok(Self {
+            n,
+            k,
+            imp: Imp::Candle(QMatMul::from_arc(w)?),
+        })
+    }
+
+    /// Whether our kernels (not candle's) run this layer.
+    pub fn is_packed(&self) -> bool {
+        matches!(self.imp, Imp::Packed(..))
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.n
+    }
+
+    /// x (…, k) → (…, n).
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.imp {
+            Imp::Candle(q) => q.forward(x),
+            Imp::Packed(..) => {
+                let dims = x.dims();
+                let Some((&last, lead)) = dims.split_last() else {
+                    candle_core::bail!("qlinear input has no dimensions")
+                };
+                if last != self.k {
+                    candle_core::bail!("qlinear expects {} inputs, got shape {:?}", self.k, dims);
+                }
+                let m: usize = lead.iter().product();
+                let xs = x
+                    .flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1::<f32>()?;
+                let out = self.forward_rows(&xs, m)?;
+                let mut shape = lead.to_vec();
+                shape.push(self.n);
+                Tensor::from_vec(out, shape, x.device())
+            }
+        }
+    }
+
+    /// `m` rows of k inputs (row-major) → m rows of n outputs.
+    pub fn forward_rows(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+        if x.len() != m * self.k {
+            candle_core::bail!("qlinear expects {}x{} inputs, got {}", m, self.k, x.len());
+        }
+        match &self.imp {
+            Imp::Candle(q) => {
+                let t = Tensor::from_slice(x, (m, self.k), &Device::Cpu)?;
+                q.forward(&t)?.flatten_all()?.to_vec1::<f32>()
+            }
+            Imp::Packed(p, isa) => {
+                let mut out = vec![0f32; m * self.n];
+                packed_matmul(p, x, m, *isa, &mut out);
+                Ok(out)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Tensor};
+
+    /// Deterministic pseudo-random floats in [-1, 1) (xorshift), with a few
+    /// larger outliers so that block scales vary.
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let v = (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                if i % 97 == 0 {
+                    v * 6.0
+                } else {
+                    v
+                }
+            })
+            .collect()
+    }
+
+    /// Our kernel vs candle's QMatMul on the same quantized weights; returns the
+    /// max abs difference relative to the output scale.
+    fn compare(dtype: GgmlDType, m: usize, k: usize, n: usize, isa: Isa) -> f32 {
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(rand_vec(n * k, 7 + n as u64), (n, k), &dev).expect("w");
+        let q = Arc::new(QTensor::quantize(&w, dtype).expect("quantize"));
+        let x = Tensor::from_vec(rand_vec(m * k, 11 + m as u64), (m, k), &dev).expect("x");
+        let reference = QMatMul::from_arc(q.clone())
+            .expect("qmm")
+            .forward(&x)
+            .expect("ref");
+        let p = Packed::new(dtype, &q.data().expect("data"), n, k).expect("packable");
+        let xs = x.flatten_all().expect("flat").to_vec1::<f32>().expect("vec");
+        let mut out = vec![0f32; m * n];
+        packed_matmul(&p, &xs, m, isa, &mut out);
+        let want = reference
+            .flatten_all()
+            .expect("flat")
+            .to_vec1::<f32>()
+            .expect("vec");
+        // Exact f32 reference on dequantized weights too: both should be close to it.
+        let deq = q.dequantize(&dev).expect("deq");
+        let exact = x
+            .matmul(&deq.t().expect("t"))
+            .expect("mm")
+            .flatten_all()
+            .expect("flat")
+            .to_vec1::<f32>()
+            .expect("vec");
+        let scale = exact.iter().map(|v| v.abs()).fold(0f32, f32::max).max(1e-6);
+        let ours_err = out
+            .iter()
+            .zip(&exact)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+            / scale;
+        let candle_err = want
+            .iter()
+            .zip(&exact)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+            / scale;
+        let vs_candle = out
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+            / scale;
+        // Activation int8 rounding is the only error source: ours must be no
+        // worse than candle's own (which also quantizes activations).
+        assert!(
+            ours_err <= candle_err * 1.5 + 1e-4,
+            "{dtype:?} m={m} k={k} n={n} {isa:?}: ours {ours_err} vs candle {candle_err}"
+        );
+        vs_candle
+    }
+
+    fn isas() -> Vec<Isa> {
+        match isa() {
+            Some(Isa::Vnni) => vec![Isa::Avx2, Isa::Vnni],
+            Some(Isa::Avx2) => vec![Isa::Avx2],
+            None => vec![],
+        }
+    }
+
+    #[test]
+    fn packed_matches_candle_for_every_format_and_shape() {
+        for isa in isas() {
+            for dtype in [
+                GgmlDType::Q4_0,
+                GgmlDType::Q4_1,
+                GgmlDType::Q5_0,
+                GgmlDType::Q5_1,
+                GgmlDType::Q8_0,
+            ] {
+                // m covers decode, the 4-row tiles and their remainders and
+                // more than one 16-row panel; n the 2-group tiles, an odd
+                // group count and n not a multiple of 8.
+                for (m, k, n) in [
+                    (1, 64, 8),
+                    (1, 576, 200),
+                    (3, 96, 24),
+                    (5, 640, 64),
+                    (17, 896, 136),
+                    (36, 256, 40),
+                    // A single block per row, and column counts that leave a
+                    // ragged last group (padded in the packed layout).
+                    (1, 32, 8),
+                    (2, 32, 13),
+                    (5, 32, 3),
+                    (4, 160, 21),
+                    (1, 64, 1),
+                ] {
+                    let d = compare(dtype, m, k, n, isa);
+                    assert!(d < 0.02, "{dtype:?} m={m} k={k} n={n} {isa:?}: {d} off candle");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn qlinear_keeps_leading_dims_and_falls_back_for_kquants() {
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(rand_vec(64 * 256, 3), (64, 256), &dev).expect("w");
+        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1).expect("q"));
+        let lin = QLinear::new(q.clone()).expect("lin");
+        assert_eq!(lin.is_packed(), isa().is_some());
+        let x = Tensor::from_vec(rand_vec(2 * 3 * 256, 5), (2, 3, 256), &dev).expect("x");
+        let y = lin.forward(&x).expect("fwd");
+        assert_eq!(y.dims(), &[2, 3, 64]);
+        let r = QMatMul::from_arc(q).expect("qmm").forward(&x).expect("ref");
+        let diff = (y - r).expect("sub").abs().expect("abs").max_all().expect("max");
+        assert!(
+            diff.to_dtype(DType::F32)
+                .expect("f32")
+                .to_scalar::<f32>()
+                .expect("s")
+                < 0.05
+        );
+        let k = Arc::new(QTensor::quantize(&w, GgmlDType::Q4K).expect("q4k"));
+        assert!(!QLinear::new(k).expect("lin").is_packed());
+    }
+
+    #[test]
+    fn f16_conversion_matches_known_values() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        assert_eq!(f16_to_f32(0x7bff), 65504.0);
+        assert!(f16_to_f32(0x7c00).is_infinite());
+    }
+}
