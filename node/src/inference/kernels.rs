@@ -308,7 +308,8 @@ mod x86 {
                             }
                         }
                     }
-                    Enc::U8 => {
+                    Enc::U8 | Enc::I8 => {
+                        let signed = p.enc == Enc::I8;
                         for t in 0..8 {
                             let mut w = [_mm256_setzero_si256(); $G];
                             for g in 0..$G {
@@ -316,34 +317,7 @@ mod x86 {
                                     _mm256_loadu_si256(p.qs.as_ptr().add((($g0 + g) * nb + b) * eb + t * 32)
                                         as *const __m256i);
                             }
-                            for r in 0..$R {
-                                let x = qa(r, t);
-                                for g in 0..$G {
-                                    ia[r][g] = $dot(ia[r][g], w[g], x);
-                                }
-                            }
-                        }
-                    }
-                    Enc::I8 => {
-                        for t in 0..8 {
-                            let mut w = [_mm256_setzero_si256(); $G];
-                            for g in 0..$G {
-                                w[g] =
-                                    _mm256_loadu_si256(p.qs.as_ptr().add((($g0 + g) * nb + b) * eb + t * 32)
-                                        as *const __m256i);
-                            }
-                            if $vnni {
-                                // w+128 as u8; the -128·d·Σa term is added with the offsets.
-                                for g in 0..$G {
-                                    w[g] = _mm256_xor_si256(w[g], flip);
-                                }
-                                for r in 0..$R {
-                                    let x = qa(r, t);
-                                    for g in 0..$G {
-                                        ia[r][g] = $dot(ia[r][g], w[g], x);
-                                    }
-                                }
-                            } else {
+                            if signed && !$vnni {
                                 // maddubs needs unsigned weights: |w| times x with w's sign.
                                 let mut aw = [_mm256_setzero_si256(); $G];
                                 for g in 0..$G {
@@ -354,6 +328,19 @@ mod x86 {
                                     for g in 0..$G {
                                         ia[r][g] = $dot(ia[r][g], aw[g], _mm256_sign_epi8(x, w[g]));
                                     }
+                                }
+                                continue;
+                            }
+                            if signed {
+                                // w+128 as u8; the -128·d·Σa term is added with the offsets.
+                                for g in 0..$G {
+                                    w[g] = _mm256_xor_si256(w[g], flip);
+                                }
+                            }
+                            for r in 0..$R {
+                                let x = qa(r, t);
+                                for g in 0..$G {
+                                    ia[r][g] = $dot(ia[r][g], w[g], x);
                                 }
                             }
                         }
