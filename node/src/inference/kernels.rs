@@ -24,10 +24,10 @@ const LANES: usize = 8;
 /// How a block's weights are stored in the packed layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Enc {
-    /// Unsigned 4-bit values, two per byte (Q4_0, Q4_1): 128 bytes per 8 columns.
-    Nib,
-    /// Unsigned values 0..32 in full bytes (Q5_0, Q5_1): 256 bytes per 8 columns.
-    U8,
+    /// Unsigned values of 4 + `hb` bits: the low 4 as nibbles, two per byte
+    /// (128 bytes per 8 columns), the high `hb` bits in bit planes of
+    /// 32 bytes each (Q4_x, Q4_K: 0; Q5_x: 1; Q6_K: 2).
+    Nib { hb: usize },
     /// Signed bytes (Q8_0): 256 bytes per 8 columns.
     I8,
 }
@@ -35,8 +35,8 @@ enum Enc {
 impl Enc {
     const fn bytes(self) -> usize {
         match self {
-            Enc::Nib => QK / 2 * LANES,
-            Enc::U8 | Enc::I8 => QK * LANES,
+            Enc::Nib { hb } => QK / 2 * LANES + hb * 32,
+            Enc::I8 => QK * LANES,
         }
     }
 }
@@ -53,11 +53,16 @@ struct Packed {
     nb: usize,
     /// [n/8 groups][nb blocks][enc.bytes()]
     qs: Vec<u8>,
-    /// Block scales, [n/8][nb][8].
+    /// Scales per 32-value block: 1, or 2 (one per 16 values, Q6_K).
+    sub: usize,
+    /// Block scales, [n/8][nb][sub][8].
     d: Vec<f32>,
     /// Coefficient of the activation block sum (the block minimum, or minus the
-    /// zero point times the scale), [n/8][nb][8]; all zero for plain Q8_0.
+    /// zero point times the scale), [n/8][nb][sub][8]; all zero for plain
+    /// Q8_0, empty when `m_of_d` gives it.
     m: Vec<f32>,
+    /// The offset coefficient as a fixed multiple of the scale (Q6_K: -32).
+    m_of_d: Option<f32>,
     /// Whether `m` is non-zero anywhere (Q8_0 on AVX2 has no offset term).
     has_m: bool,
 }
@@ -71,9 +76,30 @@ fn rd16(b: &[u8], at: usize) -> f32 {
     f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
 }
 
-/// One block's 32 weight values as integers plus its scale and offset
-/// coefficient, so that w[i] = d·q[i] + m·1 (m multiplies the activation sum).
-fn decode_block(dtype: GgmlDType, b: &[u8]) -> ([i16; QK], f32, f32) {
+/// One 32-value block of a weight row: integer values plus, per half of 16
+/// values, the scale and the offset coefficient, so that
+/// w[i] = d[h]·q[i] + m[h]·1 (m multiplies the activation sum of half h).
+/// The 32-value formats and Q4_K have one scale per block (both halves equal);
+/// Q6_K has one per 16 values.
+#[derive(Clone, Copy)]
+struct Blk {
+    q: [i16; QK],
+    d: [f32; 2],
+    m: [f32; 2],
+}
+
+impl Blk {
+    fn new(q: [i16; QK], d: f32, m: f32) -> Self {
+        Self {
+            q,
+            d: [d; 2],
+            m: [m; 2],
+        }
+    }
+}
+
+/// One ggml block of a 32-value format.
+fn decode_block(dtype: GgmlDType, b: &[u8]) -> Blk {
     let mut q = [0i16; QK];
     match dtype {
         GgmlDType::Q4_0 => {
@@ -82,7 +108,7 @@ fn decode_block(dtype: GgmlDType, b: &[u8]) -> ([i16; QK], f32, f32) {
                 q[j] = (b[2 + j] & 0x0f) as i16;
                 q[j + 16] = (b[2 + j] >> 4) as i16;
             }
-            (q, d, -8.0 * d)
+            Blk::new(q, d, -8.0 * d)
         }
         GgmlDType::Q4_1 => {
             let (d, m) = (rd16(b, 0), rd16(b, 2));
@@ -90,7 +116,7 @@ fn decode_block(dtype: GgmlDType, b: &[u8]) -> ([i16; QK], f32, f32) {
                 q[j] = (b[4 + j] & 0x0f) as i16;
                 q[j + 16] = (b[4 + j] >> 4) as i16;
             }
-            (q, d, m)
+            Blk::new(q, d, m)
         }
         GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
             let (d, m, qh_at) = if dtype == GgmlDType::Q5_0 {
@@ -107,68 +133,196 @@ fn decode_block(dtype: GgmlDType, b: &[u8]) -> ([i16; QK], f32, f32) {
                 q[j] = (qs[j] & 0x0f) as i16 | (h0 << 4);
                 q[j + 16] = (qs[j] >> 4) as i16 | (h1 << 4);
             }
-            (q, d, m)
+            Blk::new(q, d, m)
         }
         GgmlDType::Q8_0 => {
             let d = rd16(b, 0);
             for j in 0..QK {
                 q[j] = b[2 + j] as i8 as i16;
             }
-            (q, d, 0.0)
+            Blk::new(q, d, 0.0)
         }
-        _ => (q, 0.0, 0.0),
+        _ => Blk::new(q, 0.0, 0.0),
     }
 }
 
-fn block_bytes(dtype: GgmlDType) -> Option<(usize, Enc)> {
-    Some(match dtype {
-        GgmlDType::Q4_0 => (18, Enc::Nib),
-        GgmlDType::Q4_1 => (20, Enc::Nib),
-        GgmlDType::Q5_0 => (22, Enc::U8),
-        GgmlDType::Q5_1 => (24, Enc::U8),
-        GgmlDType::Q8_0 => (34, Enc::I8),
+/// Q4_K's 6-bit scale and minimum of sub-block j (ggml's `get_scale_min_k4`).
+fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+/// One 256-value super-block of Q4_K (144 bytes: d, dmin, 12 bytes of
+/// packed 6-bit scales and minima, 128 bytes of nibbles) as eight blocks.
+/// d·sc and dmin·min are exact in f32 (11 + 6 significant bits).
+fn decode_q4k(b: &[u8], out: &mut Vec<Blk>) {
+    let (d, dmin) = (rd16(b, 0), rd16(b, 2));
+    let (scales, qs) = (&b[4..16], &b[16..144]);
+    for chunk in 0..4 {
+        let q = &qs[32 * chunk..32 * chunk + 32];
+        for (half, shift) in [(0, 0), (1, 4)] {
+            let (sc, mn) = scale_min_k4(2 * chunk + half, scales);
+            let mut v = [0i16; QK];
+            for (v, &q) in v.iter_mut().zip(q) {
+                *v = ((q >> shift) & 0x0f) as i16;
+            }
+            out.push(Blk::new(v, d * sc as f32, -dmin * mn as f32));
+        }
+    }
+}
+
+/// One 256-value super-block of Q6_K (210 bytes: 128 bytes of low nibbles,
+/// 64 of high 2-bit pairs, 16 signed 8-bit scales, d) as eight blocks of
+/// unsigned 6-bit values with an offset of -32, one scale per 16 values.
+fn decode_q6k(b: &[u8], out: &mut Vec<Blk>) {
+    let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+    let d = rd16(b, 208);
+    let mut vals = [0i16; 256];
+    for n in 0..2 {
+        let (ql, qh) = (&ql[64 * n..], &qh[32 * n..]);
+        let y = &mut vals[128 * n..];
+        for l in 0..32 {
+            y[l] = ((ql[l] & 0xf) | ((qh[l] & 3) << 4)) as i16;
+            y[l + 32] = ((ql[l + 32] & 0xf) | (((qh[l] >> 2) & 3) << 4)) as i16;
+            y[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i16;
+            y[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i16;
+        }
+    }
+    for blk in 0..8 {
+        let mut q = [0i16; QK];
+        q.copy_from_slice(&vals[QK * blk..QK * (blk + 1)]);
+        let ds = [0, 1].map(|h| d * sc[2 * blk + h] as i8 as f32);
+        out.push(Blk {
+            q,
+            d: ds,
+            m: ds.map(|d| -32.0 * d),
+        });
+    }
+}
+
+/// How a ggml format is read and packed.
+struct Format {
+    /// Values and bytes per ggml block (32 for the simple formats, 256 for
+    /// the K-quants' super-blocks).
+    values: usize,
+    bytes: usize,
+    enc: Enc,
+    /// Scales per 32-value block: 1, or 2 for Q6_K's 16-value sub-blocks.
+    sub: usize,
+}
+
+fn format(dtype: GgmlDType) -> Option<Format> {
+    let (values, bytes, enc, sub) = match dtype {
+        GgmlDType::Q4_0 => (QK, 18, Enc::Nib { hb: 0 }, 1),
+        GgmlDType::Q4_1 => (QK, 20, Enc::Nib { hb: 0 }, 1),
+        GgmlDType::Q5_0 => (QK, 22, Enc::Nib { hb: 1 }, 1),
+        GgmlDType::Q5_1 => (QK, 24, Enc::Nib { hb: 1 }, 1),
+        GgmlDType::Q8_0 => (QK, 34, Enc::I8, 1),
+        GgmlDType::Q4K => (256, 144, Enc::Nib { hb: 0 }, 1),
+        GgmlDType::Q6K => (256, 210, Enc::Nib { hb: 2 }, 2),
         _ => return None,
+    };
+    Some(Format {
+        values,
+        bytes,
+        enc,
+        sub,
     })
 }
 
+/// One weight row (k values) as 32-value blocks.
+fn decode_row(dtype: GgmlDType, f: &Format, row: &[u8], out: &mut Vec<Blk>) {
+    out.clear();
+    for b in row.chunks_exact(f.bytes) {
+        match dtype {
+            GgmlDType::Q4K => decode_q4k(b, out),
+            GgmlDType::Q6K => decode_q6k(b, out),
+            _ => out.push(decode_block(dtype, b)),
+        }
+    }
+}
+
 impl Packed {
-    /// Repack ggml blocks (`raw`, n rows of k/32 blocks) or None for other shapes/types.
+    /// Repack ggml blocks (`raw`, n rows of k values) or None for other shapes/types.
     fn new(dtype: GgmlDType, raw: &[u8], n: usize, k: usize) -> Option<Self> {
-        let (bb, enc) = block_bytes(dtype)?;
-        if k == 0 || !k.is_multiple_of(QK) || n == 0 {
+        let f = format(dtype)?;
+        if k == 0 || !k.is_multiple_of(f.values) || n == 0 {
             return None;
         }
+        let row_bytes = k / f.values * f.bytes;
+        if raw.len() != n * row_bytes {
+            return None;
+        }
+        let (enc, sub) = (f.enc, f.sub);
         let nb = k / QK;
-        if raw.len() != n * nb * bb {
-            return None;
-        }
         let groups = n.div_ceil(LANES);
         let eb = enc.bytes();
+        // Offsets that are a fixed multiple of the scale are derived in the
+        // kernel rather than stored (less memory to stream per decode step).
+        let m_of_d = match dtype {
+            GgmlDType::Q4_0 => Some(-8.0),
+            GgmlDType::Q5_0 => Some(-16.0),
+            GgmlDType::Q6K => Some(-32.0),
+            _ => None,
+        };
+        let stores_m = m_of_d.is_none() && dtype != GgmlDType::Q8_0;
         let mut qs = vec![0u8; groups * nb * eb];
-        let mut d = vec![0f32; groups * nb * LANES];
-        let mut m = vec![0f32; groups * nb * LANES];
+        let mut d = vec![0f32; groups * nb * sub * LANES];
+        let mut m = vec![0f32; if stores_m { d.len() } else { 0 }];
+        let mut blocks = Vec::with_capacity(nb);
         for col in 0..n {
             let (g, c) = (col / LANES, col % LANES);
-            for b in 0..nb {
-                let at = (col * nb + b) * bb;
-                let (q, scale, off) = decode_block(dtype, &raw[at..at + bb]);
+            decode_row(
+                dtype,
+                &f,
+                &raw[col * row_bytes..(col + 1) * row_bytes],
+                &mut blocks,
+            );
+            for (b, blk) in blocks.iter().enumerate() {
                 let gb = g * nb + b;
-                d[gb * LANES + c] = scale;
-                m[gb * LANES + c] = off;
+                for h in 0..sub {
+                    let at = (gb * sub + h) * LANES + c;
+                    d[at] = blk.d[h];
+                    if let Some(m) = m.get_mut(at) {
+                        *m = blk.m[h];
+                    }
+                }
+                let q = &blk.q;
                 let dst = &mut qs[gb * eb..(gb + 1) * eb];
                 // Register t (k-values 4t..4t+4) holds column c's 4 bytes at 4c.
                 match enc {
-                    Enc::Nib => {
-                        // Register h (0..4) low nibbles: k 4h.., high nibbles: k 16+4h..
+                    Enc::Nib { hb } => {
+                        // Nibble register h: low nibbles k-values of t = 2h,
+                        // high nibbles t = 2h+1 (so h 0..2 cover the first 16
+                        // values, h 2..4 the second: Q6_K's two scales).
                         for h in 0..4 {
                             for i in 0..4 {
-                                let lo = q[4 * h + i] as u8;
-                                let hi = q[16 + 4 * h + i] as u8;
+                                let lo = q[4 * (2 * h) + i] as u8 & 0x0f;
+                                let hi = q[4 * (2 * h + 1) + i] as u8 & 0x0f;
                                 dst[h * 32 + 4 * c + i] = lo | (hi << 4);
                             }
                         }
+                        // Bit planes: the high bits of t at bit hb·t of plane
+                        // 0 (hb = 1: t 0..8), or of plane t/4 at 2(t%4) (hb = 2).
+                        let per_plane = 8 / hb.max(1);
+                        for t in 0..8 {
+                            for i in 0..4 {
+                                let high = (q[4 * t + i] as u8 >> 4) & ((1 << hb) - 1) as u8;
+                                if hb > 0 {
+                                    let plane = t / per_plane;
+                                    let shift = hb * (t % per_plane);
+                                    dst[128 + plane * 32 + 4 * c + i] |= high << shift;
+                                }
+                            }
+                        }
                     }
-                    Enc::U8 | Enc::I8 => {
+                    Enc::I8 => {
                         for t in 0..8 {
                             for i in 0..4 {
                                 dst[t * 32 + 4 * c + i] = q[4 * t + i] as i8 as u8;
@@ -178,9 +332,10 @@ impl Packed {
                 }
             }
         }
-        let has_m = m.iter().any(|&x| x != 0.0);
+        let has_m = m_of_d.is_some() || m.iter().any(|&x| x != 0.0);
         Some(Self {
             enc,
+            sub,
             n,
             n_pad: groups * LANES,
             k,
@@ -188,6 +343,7 @@ impl Packed {
             qs,
             d,
             m,
+            m_of_d,
             has_m,
         })
     }
@@ -201,6 +357,8 @@ struct ActQ {
     d: Vec<f32>,
     /// Block scale times the sum of the block's int8 values, [m][nb].
     s: Vec<f32>,
+    /// The same per half block of 16 values, [m][nb][2] (for Q6_K).
+    s2: Vec<f32>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -209,12 +367,16 @@ mod x86 {
     use core::arch::x86_64::*;
 
     /// Quantize `x` (rows of k) to int8 blocks: d = max|x|/127, q = round(x/d).
+    /// Per 32 values for every format, the K-quants included: ggml quantizes
+    /// their activations per 256 (Q8_K), but the finer scale brings gemma3's
+    /// and qwen2.5's reference NLL closer to llama.cpp's (docs/performance.md).
     pub(super) fn quantize(x: &[f32], rows: usize, k: usize) -> ActQ {
         let nb = k / QK;
         let mut out = ActQ {
             q: vec![0i8; rows * k],
             d: vec![0f32; rows * nb],
             s: vec![0f32; rows * nb],
+            s2: vec![0f32; rows * nb * 2],
         };
         // SAFETY: avx2/fma were checked by the caller (`supported()`); all
         // indices stay inside the rows·k / rows·nb buffers allocated above.
@@ -249,11 +411,15 @@ mod x86 {
                 let i1 = _mm256_cvtps_epi32(_mm256_round_ps::<R>(_mm256_mul_ps(v1, mul)));
                 let i2 = _mm256_cvtps_epi32(_mm256_round_ps::<R>(_mm256_mul_ps(v2, mul)));
                 let i3 = _mm256_cvtps_epi32(_mm256_round_ps::<R>(_mm256_mul_ps(v3, mul)));
-                let sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
-                let s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-                let s4 = _mm_hadd_epi32(s4, s4);
-                let s4 = _mm_hadd_epi32(s4, s4);
-                let isum = _mm_cvtsi128_si32(s4);
+                let hsum = |v: __m256i| -> i32 {
+                    let s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+                    let s4 = _mm_hadd_epi32(s4, s4);
+                    let s4 = _mm_hadd_epi32(s4, s4);
+                    _mm_cvtsi128_si32(s4)
+                };
+                let lo = hsum(_mm256_add_epi32(i0, i1));
+                let hi = hsum(_mm256_add_epi32(i2, i3));
+                let isum = lo + hi;
                 // packs interleave 128-bit lanes; the permute restores element order.
                 let p01 = _mm256_packs_epi32(i0, i1);
                 let p23 = _mm256_packs_epi32(i2, i3);
@@ -262,6 +428,8 @@ mod x86 {
                 _mm256_storeu_si256(out.q.as_mut_ptr().add(blk * QK) as *mut __m256i, b);
                 *out.d.get_unchecked_mut(blk) = d;
                 *out.s.get_unchecked_mut(blk) = d * isum as f32;
+                *out.s2.get_unchecked_mut(2 * blk) = d * lo as f32;
+                *out.s2.get_unchecked_mut(2 * blk + 1) = d * hi as f32;
             }
         }
     }
@@ -280,27 +448,93 @@ mod x86 {
             let mut acc = [[_mm256_setzero_ps(); $G]; $R];
             let low = _mm256_set1_epi8(0x0f);
             let flip = _mm256_set1_epi8(-128);
+            let bit4 = _mm256_set1_epi8(0x10);
+            let bits45 = _mm256_set1_epi8(0x30);
+            let i8_off = p.enc == Enc::I8 && $vnni;
+            let mut ia = [[_mm256_setzero_si256(); $G]; $R];
+            // Apply the scales of half h of block b (h = 0 for one scale per
+            // block) to the integer sums and clear them.
+            macro_rules! flush {
+                ($b:expr, $h:expr) => {{
+                    let (b, h) = ($b, $h);
+                    for g in 0..$G {
+                        let at = ((($g0 + g) * nb + b) * SUB + h) * LANES;
+                        let dv = _mm256_loadu_ps(p.d.as_ptr().add(at));
+                        // `m` is empty for formats without stored offsets: read
+                        // only when the offset term applies.
+                        let mv = if !(p.has_m || i8_off) {
+                            _mm256_setzero_ps()
+                        } else if i8_off {
+                            _mm256_mul_ps(dv, _mm256_set1_ps(-128.0))
+                        } else if let Some(c) = p.m_of_d {
+                            _mm256_mul_ps(dv, _mm256_set1_ps(c))
+                        } else {
+                            _mm256_loadu_ps(p.m.as_ptr().add(at))
+                        };
+                        for r in 0..$R {
+                            let ab = ($r0 + r) * nb + b;
+                            let sd = _mm256_mul_ps(dv, _mm256_set1_ps(*a.d.get_unchecked(ab)));
+                            acc[r][g] = _mm256_fmadd_ps(sd, _mm256_cvtepi32_ps(ia[r][g]), acc[r][g]);
+                            if p.has_m || i8_off {
+                                let sum = if SUB == 2 {
+                                    *a.s2.get_unchecked(2 * ab + h)
+                                } else {
+                                    *a.s.get_unchecked(ab)
+                                };
+                                acc[r][g] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sum), acc[r][g]);
+                            }
+                            ia[r][g] = _mm256_setzero_si256();
+                        }
+                    }
+                }};
+            }
             for b in 0..nb {
-                let mut ia = [[_mm256_setzero_si256(); $G]; $R];
                 let qa = |r: usize, t: usize| -> __m256i {
                     let at = ($r0 + r) * k + b * QK + 4 * t;
                     _mm256_set1_epi32(core::ptr::read_unaligned(a.q.as_ptr().add(at) as *const i32))
                 };
                 match p.enc {
-                    Enc::Nib => {
+                    Enc::Nib { .. } => {
                         for h in 0..4 {
+                            if SUB == 2 && h == 2 {
+                                flush!(b, 0);
+                            }
                             let mut lo = [_mm256_setzero_si256(); $G];
                             let mut hi = [_mm256_setzero_si256(); $G];
                             for g in 0..$G {
-                                let w =
-                                    _mm256_loadu_si256(p.qs.as_ptr().add((($g0 + g) * nb + b) * eb + h * 32)
-                                        as *const __m256i);
+                                let base = p.qs.as_ptr().add((($g0 + g) * nb + b) * eb);
+                                let w = _mm256_loadu_si256(base.add(h * 32) as *const __m256i);
                                 lo[g] = _mm256_and_si256(w, low);
                                 hi[g] = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+                                // The high bits of t = 2h and 2h+1, moved to bit 4
+                                // (16-bit shifts; the masks drop what crosses bytes).
+                                if HB == 1 {
+                                    let pl = _mm256_loadu_si256(base.add(128) as *const __m256i);
+                                    let v = _mm256_srl_epi16(pl, _mm_cvtsi32_si128(2 * h as i32));
+                                    lo[g] = _mm256_or_si256(
+                                        lo[g],
+                                        _mm256_and_si256(_mm256_slli_epi16(v, 4), bit4),
+                                    );
+                                    hi[g] = _mm256_or_si256(
+                                        hi[g],
+                                        _mm256_and_si256(_mm256_slli_epi16(v, 3), bit4),
+                                    );
+                                } else if HB == 2 {
+                                    let pl = _mm256_loadu_si256(base.add(128 + h / 2 * 32) as *const __m256i);
+                                    let v = _mm256_srl_epi16(pl, _mm_cvtsi32_si128(4 * (h % 2) as i32));
+                                    lo[g] = _mm256_or_si256(
+                                        lo[g],
+                                        _mm256_and_si256(_mm256_slli_epi16(v, 4), bits45),
+                                    );
+                                    hi[g] = _mm256_or_si256(
+                                        hi[g],
+                                        _mm256_and_si256(_mm256_slli_epi16(v, 2), bits45),
+                                    );
+                                }
                             }
                             for r in 0..$R {
-                                let x0 = qa(r, h);
-                                let x1 = qa(r, h + 4);
+                                let x0 = qa(r, 2 * h);
+                                let x1 = qa(r, 2 * h + 1);
                                 for g in 0..$G {
                                     ia[r][g] = $dot(ia[r][g], lo[g], x0);
                                     ia[r][g] = $dot(ia[r][g], hi[g], x1);
@@ -308,8 +542,7 @@ mod x86 {
                             }
                         }
                     }
-                    Enc::U8 | Enc::I8 => {
-                        let signed = p.enc == Enc::I8;
+                    Enc::I8 => {
                         for t in 0..8 {
                             let mut w = [_mm256_setzero_si256(); $G];
                             for g in 0..$G {
@@ -317,7 +550,7 @@ mod x86 {
                                     _mm256_loadu_si256(p.qs.as_ptr().add((($g0 + g) * nb + b) * eb + t * 32)
                                         as *const __m256i);
                             }
-                            if signed && !$vnni {
+                            if !$vnni {
                                 // maddubs needs unsigned weights: |w| times x with w's sign.
                                 let mut aw = [_mm256_setzero_si256(); $G];
                                 for g in 0..$G {
@@ -331,11 +564,9 @@ mod x86 {
                                 }
                                 continue;
                             }
-                            if signed {
-                                // w+128 as u8; the -128·d·Σa term is added with the offsets.
-                                for g in 0..$G {
-                                    w[g] = _mm256_xor_si256(w[g], flip);
-                                }
+                            // w+128 as u8; the -128·d·Σa term is added with the offsets.
+                            for g in 0..$G {
+                                w[g] = _mm256_xor_si256(w[g], flip);
                             }
                             for r in 0..$R {
                                 let x = qa(r, t);
@@ -346,25 +577,7 @@ mod x86 {
                         }
                     }
                 }
-                let i8_off = p.enc == Enc::I8 && $vnni;
-                for g in 0..$G {
-                    let at = (($g0 + g) * nb + b) * LANES;
-                    let dv = _mm256_loadu_ps(p.d.as_ptr().add(at));
-                    let mv = if i8_off {
-                        _mm256_mul_ps(dv, _mm256_set1_ps(-128.0))
-                    } else {
-                        _mm256_loadu_ps(p.m.as_ptr().add(at))
-                    };
-                    for r in 0..$R {
-                        let ab = ($r0 + r) * nb + b;
-                        let sd = _mm256_mul_ps(dv, _mm256_set1_ps(*a.d.get_unchecked(ab)));
-                        acc[r][g] = _mm256_fmadd_ps(sd, _mm256_cvtepi32_ps(ia[r][g]), acc[r][g]);
-                        if p.has_m || i8_off {
-                            acc[r][g] =
-                                _mm256_fmadd_ps(mv, _mm256_set1_ps(*a.s.get_unchecked(ab)), acc[r][g]);
-                        }
-                    }
-                }
+                flush!(b, SUB - 1);
             }
             for r in 0..$R {
                 for g in 0..$G {
@@ -395,7 +608,7 @@ mod x86 {
         ($name:ident, $feat:literal, $dot:ident, $vnni:expr) => {
             /// Rows [r0, r0+rows) × groups [g0, g1) into dst (row stride n).
             #[target_feature(enable = $feat)]
-            pub(super) unsafe fn $name(
+            pub(super) unsafe fn $name<const SUB: usize, const HB: usize>(
                 p: &Packed,
                 a: &ActQ,
                 r0: usize,
@@ -527,9 +740,20 @@ fn packed_matmul(p: &Packed, x: &[f32], m: usize, isa: Isa, dst: &mut [f32]) {
             // was detected at runtime (`isa()`), and `Isa::Vnni` only when
             // every feature tiles_vnni enables is present.
             unsafe {
-                match isa {
-                    Isa::Vnni => x86::tiles_vnni(p, &a, r0, rows, g0, g1, ptr),
-                    Isa::Avx2 => x86::tiles_avx2(p, &a, r0, rows, g0, g1, ptr),
+                // One instantiation per (scales per block, high-bit planes), so
+                // each format's inner loop has no per-step branches. Only
+                // Q6_K has two scales per block, and it has two bit planes.
+                match (isa, p.sub, p.enc) {
+                    (Isa::Vnni, 2, _) => x86::tiles_vnni::<2, 2>(p, &a, r0, rows, g0, g1, ptr),
+                    (Isa::Vnni, _, Enc::Nib { hb: 1 }) => {
+                        x86::tiles_vnni::<1, 1>(p, &a, r0, rows, g0, g1, ptr)
+                    }
+                    (Isa::Vnni, _, _) => x86::tiles_vnni::<1, 0>(p, &a, r0, rows, g0, g1, ptr),
+                    (Isa::Avx2, 2, _) => x86::tiles_avx2::<2, 2>(p, &a, r0, rows, g0, g1, ptr),
+                    (Isa::Avx2, _, Enc::Nib { hb: 1 }) => {
+                        x86::tiles_avx2::<1, 1>(p, &a, r0, rows, g0, g1, ptr)
+                    }
+                    (Isa::Avx2, _, _) => x86::tiles_avx2::<1, 0>(p, &a, r0, rows, g0, g1, ptr),
                 }
             }
         };
@@ -785,6 +1009,64 @@ mod tests {
     }
 
     #[test]
+    fn packed_matches_candle_for_the_k_quants() {
+        for isa in isas() {
+            for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+                // k in whole 256-value super-blocks.
+                for (m, k, n) in [
+                    (1, 256, 8),
+                    (1, 512, 200),
+                    (3, 256, 24),
+                    (5, 768, 64),
+                    (17, 512, 13),
+                ] {
+                    // Candle quantizes activations per 256 values (Q8_K), we per
+                    // 32, so the two differ more than for the 32-value formats;
+                    // `compare` also checks ours is closer to the exact product.
+                    let d = compare(dtype, m, k, n, isa);
+                    assert!(d < 0.04, "{dtype:?} m={m} k={k} n={n} {isa:?}: {d} off candle");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn k_quant_blocks_decode_to_candles_dequantization() {
+        let dev = Device::Cpu;
+        let (n, k) = (3, 512);
+        let w = Tensor::from_vec(rand_vec(n * k, 21), (n, k), &dev).expect("w");
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let q = QTensor::quantize(&w, dtype).expect("quantize");
+            let want = q
+                .dequantize(&dev)
+                .expect("deq")
+                .flatten_all()
+                .expect("flat")
+                .to_vec1::<f32>()
+                .expect("vec");
+            let f = format(dtype).expect("format");
+            let raw = q.data().expect("data");
+            let row_bytes = raw.len() / n;
+            let mut blocks = Vec::new();
+            for r in 0..n {
+                decode_row(dtype, &f, &raw[r * row_bytes..(r + 1) * row_bytes], &mut blocks);
+                assert_eq!(blocks.len(), k / QK);
+                for (b, blk) in blocks.iter().enumerate() {
+                    for i in 0..QK {
+                        let h = i / 16;
+                        let got = blk.d[h] * blk.q[i] as f32 + blk.m[h];
+                        let exp = want[r * k + b * QK + i];
+                        assert!(
+                            (got - exp).abs() <= 1e-6 * exp.abs().max(1.0),
+                            "{dtype:?} {r} {b} {i}: {got} vs {exp}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn qlinear_keeps_leading_dims_and_falls_back_for_kquants() {
         let dev = Device::Cpu;
         let w = Tensor::from_vec(rand_vec(64 * 256, 3), (64, 256), &dev).expect("w");
@@ -803,7 +1085,7 @@ mod tests {
                 .expect("s")
                 < 0.05
         );
-        let k = Arc::new(QTensor::quantize(&w, GgmlDType::Q4K).expect("q4k"));
+        let k = Arc::new(QTensor::quantize(&w, GgmlDType::Q5K).expect("q5k"));
         assert!(!QLinear::new(k).expect("lin").is_packed());
     }
 
