@@ -124,6 +124,43 @@ fn incremental_decoding_matches_a_full_forward() {
 }
 
 #[test]
+fn branches_in_one_pass_equal_one_forward_per_branch() {
+    let (_d, path) = tiny_model(&TinySpec::default()).expect("tiny");
+    let (mut f, content) = swarm_node::inference::gguf::read_header(&path).expect("header");
+    let cfg = swarm_node::inference::gguf::ModelConfig::from_content(&content).expect("cfg");
+    let m = Transformer::load(cfg, &content, &mut f).expect("model");
+    let mut kv = m.new_cache();
+    m.forward(&[5, 77, 140, 33], &mut kv).expect("prefix");
+    let branches: [&[u32]; 3] = [&[9, 200, 18], &[64], &[18, 9, 9, 201, 7]];
+    let all = m
+        .forward_branches(&branches, &kv)
+        .expect("branches")
+        .to_vec2::<f32>()
+        .expect("vec");
+    assert_eq!(all.len(), 9);
+    assert_eq!(kv.len(), 4, "the shared cache is left as it was");
+    let mut row = 0;
+    for b in branches {
+        let mut own = kv.clone();
+        let want = m
+            .forward(b, &mut own)
+            .expect("one")
+            .to_vec2::<f32>()
+            .expect("vec");
+        for (got, want) in all[row..row + b.len()].iter().zip(&want) {
+            for (x, y) in got.iter().zip(want) {
+                assert!((x - y).abs() < 1e-4, "branch at row {row}: {x} vs {y}");
+            }
+        }
+        row += b.len();
+    }
+    assert!(matches!(
+        m.forward_branches(&[&[1], &[]], &kv),
+        Err(InferenceError::BadRequest(_))
+    ));
+}
+
+#[test]
 fn generation_reports_consistent_confidence_signals() {
     let (_d, mut be) = load(&TinySpec::default());
     let req = GenerateRequest::chat(vec![ChatMessage::new("user", "the cat")], 12);

@@ -227,17 +227,33 @@ impl CandleBackend {
         self.check_room(ctx_ids.len(), longest)?;
         let (kv, h, _) = self.prefill(&ctx_ids)?;
         let first = log_softmax(&self.model.last_logits(&h)?);
-        let mut per_option = Vec::with_capacity(conts.len());
-        for ids in &conts {
-            let mut lps = vec![first[ids[0] as usize]];
-            if ids.len() > 1 {
-                // The question's cache is shared: each option runs only its own tokens.
-                let mut kv = kv.clone();
-                let h = self.model.forward(&ids[..ids.len() - 1], &mut kv)?;
-                let logits = self.model.logits(&h)?;
-                lps.extend(row_logprobs(&logits, &ids[1..])?);
+        let mut per_option: Vec<Vec<f32>> = conts.iter().map(|ids| vec![first[ids[0] as usize]]).collect();
+        // Every option's tokens after its first, run together after the
+        // question's cache (each sees only the question and itself).
+        // The rows of one pass are appended to the cache side by side, so
+        // options are grouped to fit the context (each fits alone: checked above).
+        let room = self.model.max_positions() - ctx_ids.len();
+        let mut pending: Vec<usize> = (0..conts.len()).filter(|&i| conts[i].len() > 1).collect();
+        while !pending.is_empty() {
+            let mut rows = 0;
+            let take = pending
+                .iter()
+                .take_while(|&&i| {
+                    rows += conts[i].len() - 1;
+                    rows <= room
+                })
+                .count()
+                .max(1);
+            let group: Vec<usize> = pending.drain(..take).collect();
+            let branches: Vec<&[u32]> = group.iter().map(|&i| &conts[i][..conts[i].len() - 1]).collect();
+            let h = self.model.forward_branches(&branches, &kv)?;
+            let logits = self.model.logits(&h)?;
+            let mut row = 0;
+            for &i in &group {
+                let n = conts[i].len() - 1;
+                per_option[i].extend(row_logprobs(&logits.narrow(0, row, n)?, &conts[i][1..])?);
+                row += n;
             }
-            per_option.push(lps);
         }
         Ok((per_option, ctx_ids.len()))
     }

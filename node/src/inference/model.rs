@@ -242,6 +242,30 @@ impl Transformer {
     /// Run `tokens` after what `cache` holds; returns the final-norm hidden
     /// states of every new position, shape (tokens, n_embd).
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor, InferenceError> {
+        self.run(tokens, cache, &[])
+    }
+
+    /// Run several continuations of what `cache` holds in one pass (the
+    /// options of one question): each branch sees the cached prefix and its
+    /// own tokens only, so the result equals one `forward` per branch on a
+    /// clone of the cache, but every matmul runs once over all rows. Returns
+    /// the hidden states of all branches' rows, in order; `cache` is unchanged.
+    pub fn forward_branches(&self, branches: &[&[u32]], cache: &KvCache) -> Result<Tensor, InferenceError> {
+        if branches.iter().any(|b| b.is_empty()) {
+            return Err(InferenceError::BadRequest("an empty branch".into()));
+        }
+        let tokens: Vec<u32> = branches.iter().flat_map(|b| b.iter().copied()).collect();
+        let mut starts = Vec::with_capacity(tokens.len());
+        for b in branches {
+            let at = starts.len();
+            starts.extend(std::iter::repeat_n(at, b.len()));
+        }
+        let mut kv = cache.clone();
+        self.run(&tokens, &mut kv, &starts)
+    }
+
+    /// `forward` with branch starts per row (see `AttnShape::branch`).
+    fn run(&self, tokens: &[u32], cache: &mut KvCache, branch: &[usize]) -> Result<Tensor, InferenceError> {
         if tokens.is_empty() {
             return Err(InferenceError::BadRequest("no tokens to run".into()));
         }
@@ -272,7 +296,7 @@ impl Transformer {
         let mut h = vec![0f32; x.len()];
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             ops::rms_norm(&x, &layer.attn_norm, eps, &mut h);
-            let mut a = self.attention(layer, &h, pos, seq, slot)?;
+            let mut a = self.attention(layer, &h, pos, seq, slot, branch)?;
             if let Some(w) = &layer.post_attn_norm {
                 ops::rms_norm_inplace(&mut a, w, eps);
             }
@@ -314,6 +338,7 @@ impl Transformer {
         pos: usize,
         seq: usize,
         slot: &mut KvLayer,
+        branch: &[usize],
     ) -> Result<Vec<f32>, InferenceError> {
         let c = &self.cfg;
         let hd = c.head_dim;
@@ -343,8 +368,19 @@ impl Transformer {
         // GGUF llama weights are permuted for interleaved rotary pairs; qwen2 and
         // gemma3 use the NeoX half-split layout (llama.cpp's rope type).
         let interleaved = c.arch == Arch::Llama;
-        rope.apply(&mut q, c.n_head, pos, interleaved);
-        rope.apply(&mut k, c.n_kv_head, pos, interleaved);
+        // Each branch's rows take positions from `pos` on.
+        let (qrow, krow) = (c.n_head * hd, c.n_kv_head * hd);
+        let mut at = 0;
+        while at < seq {
+            let start = branch.get(at).copied().unwrap_or(0);
+            let end = (at + 1..seq)
+                .find(|&i| branch.get(i).copied().unwrap_or(0) != start)
+                .unwrap_or(seq);
+            let p = pos + at - start;
+            rope.apply(&mut q[at * qrow..end * qrow], c.n_head, p, interleaved);
+            rope.apply(&mut k[at * krow..end * krow], c.n_kv_head, p, interleaved);
+            at = end;
+        }
         let row = c.n_kv_head * hd;
         append(&mut slot.k, pos, &k, row, self.max_positions);
         append(&mut slot.v, pos, &v, row, self.max_positions);
@@ -360,6 +396,7 @@ impl Transformer {
             seq,
             window: if l.local { c.sliding_window } else { None },
             scale: 1.0 / (hd as f32).sqrt(),
+            branch,
         };
         let mut y = vec![0f32; seq * c.n_head * hd];
         let n = total * row;

@@ -154,7 +154,7 @@ impl RopeTable {
 }
 
 /// Shapes of one attention call.
-pub struct AttnShape {
+pub struct AttnShape<'a> {
     pub n_head: usize,
     pub n_kv_head: usize,
     pub head_dim: usize,
@@ -164,6 +164,11 @@ pub struct AttnShape {
     /// Keys at least this far back are hidden (sliding-window layers).
     pub window: Option<usize>,
     pub scale: f32,
+    /// Branches sharing the cached prefix (the options of one question run
+    /// in one call): for each query row, the index among the new rows where
+    /// its branch starts. A row sees the prefix and its own branch only, at
+    /// positions counted from `pos` within the branch. Empty: one sequence.
+    pub branch: &'a [usize],
 }
 
 /// Causal softmax attention. q: [seq][n_head][hd]; keys/values: [pos+seq][n_kv_head][hd]
@@ -177,16 +182,20 @@ pub fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttnShape, out: &m
     let out_ptr = out.as_mut_ptr() as usize;
     let one = |item: usize, scores: &mut Vec<f32>| {
         let (i, h) = (item / nh, item % nh);
-        let p = s.pos + i;
+        let bs = s.branch.get(i).copied().unwrap_or(0);
+        // Logical position of the row, and the first visible one.
+        let p = s.pos + i - bs;
         let lo = match s.window {
             Some(w) => (p + 1).saturating_sub(w),
             None => 0,
         };
+        // Cache rows: the visible prefix, then the row's branch up to itself.
+        let rows = (lo.min(s.pos)..s.pos).chain(s.pos + bs + lo.saturating_sub(s.pos)..=s.pos + i);
         let kvh = h / rep;
         let qv = &q[(i * nh + h) * hd..(i * nh + h + 1) * hd];
         scores.clear();
         let mut max = f32::NEG_INFINITY;
-        for j in lo..=p {
+        for j in rows.clone() {
             let kr = &keys[j * kv_row + kvh * hd..j * kv_row + (kvh + 1) * hd];
             let v = dot(qv, kr) * s.scale;
             max = max.max(v);
@@ -201,7 +210,7 @@ pub fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttnShape, out: &m
         // SAFETY: each item owns the disjoint output slice of its (row, head).
         let o = unsafe { std::slice::from_raw_parts_mut((out_ptr as *mut f32).add((i * nh + h) * hd), hd) };
         o.fill(0.0);
-        for (j, &w) in (lo..=p).zip(scores.iter()) {
+        for (j, &w) in rows.zip(scores.iter()) {
             let vr = &values[j * kv_row + kvh * hd..j * kv_row + (kvh + 1) * hd];
             axpy(o, w * inv, vr);
         }
@@ -213,6 +222,10 @@ pub fn attention(q: &[f32], keys: &[f32], values: &[f32], s: &AttnShape, out: &m
     assert!(
         keys.len() >= total * kv_row && values.len() >= total * kv_row,
         "kv buffers"
+    );
+    assert!(
+        s.branch.is_empty() || (s.branch.len() == s.seq && s.branch.iter().enumerate().all(|(i, &b)| b <= i)),
+        "branch starts"
     );
     // ~2·hd multiply-adds per visible key; small calls are not worth waking the pool.
     let work = items * total * hd;
@@ -284,6 +297,7 @@ mod tests {
                 seq,
                 window,
                 scale: 0.25,
+                branch: &[],
             };
             let mut out = vec![0f32; seq * nh * hd];
             attention(&q, &k, &v, &shape, &mut out);
@@ -405,6 +419,51 @@ mod tests {
                     (g - w).abs() < 1e-5,
                     "interleaved={interleaved} at {i}: {g} vs {w}"
                 );
+            }
+        }
+    }
+
+    /// Branches in one call (options of a question) equal one call per branch
+    /// on the prefix plus that branch's rows.
+    #[test]
+    fn branched_attention_equals_separate_calls() {
+        let (nh, nkv, hd, pos) = (4, 2, 8, 6);
+        let spans = [(0usize, 3usize), (3, 4), (4, 9)];
+        let seq = 9;
+        let row = nkv * hd;
+        let r = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
+        let q: Vec<f32> = (0..seq * nh * hd).map(r).collect();
+        let k: Vec<f32> = (0..(pos + seq) * row).map(|i| r(i + 13)).collect();
+        let v: Vec<f32> = (0..(pos + seq) * row).map(|i| r(i + 101)).collect();
+        let starts: Vec<usize> = spans
+            .iter()
+            .flat_map(|&(a, b)| std::iter::repeat_n(a, b - a))
+            .collect();
+        for window in [None, Some(4)] {
+            let shape = |pos, seq, branch| AttnShape {
+                n_head: nh,
+                n_kv_head: nkv,
+                head_dim: hd,
+                pos,
+                seq,
+                window,
+                scale: 0.3,
+                branch,
+            };
+            let mut all = vec![0f32; seq * nh * hd];
+            attention(&q, &k, &v, &shape(pos, seq, &starts), &mut all);
+            for &(a, b) in &spans {
+                let mut kb = k[..pos * row].to_vec();
+                kb.extend_from_slice(&k[(pos + a) * row..(pos + b) * row]);
+                let mut vb = v[..pos * row].to_vec();
+                vb.extend_from_slice(&v[(pos + a) * row..(pos + b) * row]);
+                let mut one = vec![0f32; (b - a) * nh * hd];
+                let qb = &q[a * nh * hd..b * nh * hd];
+                attention(qb, &kb, &vb, &shape(pos, b - a, &[]), &mut one);
+                let got = &all[a * nh * hd..b * nh * hd];
+                for (x, y) in got.iter().zip(&one) {
+                    assert!((x - y).abs() < 1e-5, "{window:?} span {a}..{b}: {x} vs {y}");
+                }
             }
         }
     }
