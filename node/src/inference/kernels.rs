@@ -703,42 +703,81 @@ pub fn isa() -> Option<Isa> {
 
 /// (m × k) · packedᵀ → (m × n), on candle's thread pool.
 fn packed_matmul(p: &Packed, x: &[f32], m: usize, isa: Isa, dst: &mut [f32]) {
+    packed_matmul_many(&mut [(p, dst)], x, m, isa);
+}
+
+/// Several (m × k) · packedᵀ products of the same input in one pool call: the
+/// activations are quantized once and the threads meet at one barrier, not
+/// one per matrix (q/k/v and gate/up of a layer; most of a decode step's
+/// barriers were on the small k/v projections).
+fn packed_matmul_many(jobs: &mut [(&Packed, &mut [f32])], x: &[f32], m: usize, isa: Isa) {
     #[cfg(target_arch = "x86_64")]
     {
-        assert_eq!(x.len(), m * p.k, "lhs size");
-        assert_eq!(dst.len(), m * p.n, "dst size");
+        let Some(k) = jobs.first().map(|(p, _)| p.k) else {
+            return;
+        };
+        assert_eq!(x.len(), m * k, "lhs size");
+        for (p, dst) in jobs.iter() {
+            assert_eq!(p.k, k, "fused matmuls share their input");
+            assert_eq!(dst.len(), m * p.n, "dst size");
+        }
         if m == 0 {
             return;
         }
         // The tiles write whole groups of 8 columns; a ragged n goes through
         // scratch rows of n_pad and is compacted afterwards.
-        let mut scratch = Vec::new();
-        let out: &mut [f32] = if p.n_pad == p.n {
-            dst
-        } else {
-            scratch.resize(m * p.n_pad, 0f32);
-            &mut scratch
-        };
-        let a = x86::quantize(x, m, p.k);
-        let groups = p.n_pad / LANES;
-        let out_ptr = SharedOut(out.as_mut_ptr());
-        // Work items: (row panel, column chunk). Panels of 16 rows keep the
-        // quantized rows in L1 while a chunk of weights streams past them.
+        let mut scratch: Vec<Vec<f32>> = jobs
+            .iter()
+            .map(|(p, _)| {
+                if p.n_pad == p.n {
+                    Vec::new()
+                } else {
+                    vec![0f32; m * p.n_pad]
+                }
+            })
+            .collect();
+        let outs: Vec<SharedOut> = jobs
+            .iter_mut()
+            .zip(scratch.iter_mut())
+            .map(|((p, dst), s)| {
+                SharedOut(if p.n_pad == p.n {
+                    dst.as_mut_ptr()
+                } else {
+                    s.as_mut_ptr()
+                })
+            })
+            .collect();
+        let a = x86::quantize(x, m, k);
+        // Work items: (matrix, row panel, column chunk). Panels of 16 rows keep
+        // the quantized rows in L1 while a chunk of weights streams past them.
         const PANEL: usize = 16;
         let chunk = if m == 1 { 4 } else { 8 };
-        let n_chunks = groups.div_ceil(chunk);
         let panels = m.div_ceil(PANEL);
+        // First item of each matrix, and the total.
+        let mut first = Vec::with_capacity(jobs.len() + 1);
+        first.push(0);
+        for (p, _) in jobs.iter() {
+            let n_chunks = (p.n_pad / LANES).div_ceil(chunk);
+            first.push(first[first.len() - 1] + panels * n_chunks);
+        }
+        let items = first[jobs.len()];
+        let packs: Vec<&Packed> = jobs.iter().map(|(p, _)| *p).collect();
         let run = |item: usize| {
-            let (pi, ci) = (item / n_chunks, item % n_chunks);
+            let j = first.partition_point(|&f| f <= item) - 1;
+            let p = packs[j];
+            let groups = p.n_pad / LANES;
+            let n_chunks = groups.div_ceil(chunk);
+            let local = item - first[j];
+            let (pi, ci) = (local / n_chunks, local % n_chunks);
             let r0 = pi * PANEL;
             let rows = PANEL.min(m - r0);
             let g0 = ci * chunk;
             let g1 = groups.min(g0 + chunk);
-            let ptr = out_ptr.get();
-            // SAFETY: items cover disjoint (row, column-group) ranges of `out`,
-            // which holds m·n_pad floats and outlives the pool call; the ISA
-            // was detected at runtime (`isa()`), and `Isa::Vnni` only when
-            // every feature tiles_vnni enables is present.
+            let ptr = outs[j].get();
+            // SAFETY: items cover disjoint (matrix, row, column-group) ranges of
+            // the outputs, each holding m·n_pad floats and outliving the pool
+            // call; the ISA was detected at runtime (`isa()`), and `Isa::Vnni`
+            // only when every feature tiles_vnni enables is present.
             unsafe {
                 // One instantiation per (scales per block, high-bit planes), so
                 // each format's inner loop has no per-step branches. Only
@@ -757,21 +796,22 @@ fn packed_matmul(p: &Packed, x: &[f32], m: usize, isa: Isa, dst: &mut [f32]) {
                 }
             }
         };
-        let items = panels * n_chunks;
         candle_core::utils::barrier_pool().execute_chunked(items, |range| {
             for item in range {
                 run(item)
             }
         });
-        if p.n_pad != p.n {
-            for (d, s) in dst.chunks_exact_mut(p.n).zip(scratch.chunks_exact(p.n_pad)) {
-                d.copy_from_slice(&s[..p.n]);
+        for ((p, dst), s) in jobs.iter_mut().zip(&scratch) {
+            if p.n_pad != p.n {
+                for (d, s) in dst.chunks_exact_mut(p.n).zip(s.chunks_exact(p.n_pad)) {
+                    d.copy_from_slice(&s[..p.n]);
+                }
             }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (p, x, m, isa, dst);
+        let _ = (jobs, x, m, isa);
         unreachable!("packed kernels are x86-only; isa() is None elsewhere");
     }
 }
@@ -863,6 +903,33 @@ impl QLinear {
                 Tensor::from_vec(out, shape, x.device())
             }
         }
+    }
+
+    /// Several layers over the same input rows (q/k/v, gate/up): one pass
+    /// through the thread pool when all run on our kernels, else one each.
+    pub fn forward_rows_many(layers: &[&QLinear], x: &[f32], m: usize) -> candle_core::Result<Vec<Vec<f32>>> {
+        let isa = match layers.first().map(|l| &l.imp) {
+            Some(Imp::Packed(_, isa)) => *isa,
+            _ => return layers.iter().map(|l| l.forward_rows(x, m)).collect(),
+        };
+        let mut packs = Vec::with_capacity(layers.len());
+        for l in layers {
+            match &l.imp {
+                Imp::Packed(p, i) if *i == isa && p.k == l.k => packs.push(p),
+                _ => return layers.iter().map(|l| l.forward_rows(x, m)).collect(),
+            }
+            if x.len() != m * l.k {
+                candle_core::bail!("qlinear expects {}x{} inputs, got {}", m, l.k, x.len());
+            }
+        }
+        let mut outs: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; m * l.n]).collect();
+        let mut jobs: Vec<(&Packed, &mut [f32])> = packs
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(p, o)| (*p, o.as_mut_slice()))
+            .collect();
+        packed_matmul_many(&mut jobs, x, m, isa);
+        Ok(outs)
     }
 
     /// `m` rows of k inputs (row-major) → m rows of n outputs.
@@ -1026,6 +1093,34 @@ mod tests {
                     let d = compare(dtype, m, k, n, isa);
                     assert!(d < 0.04, "{dtype:?} m={m} k={k} n={n} {isa:?}: {d} off candle");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_layers_equal_one_call_each() {
+        let dev = Device::Cpu;
+        // Mixed formats and a ragged column count, as q/k/v of a Q4_K_M file.
+        let k = 512;
+        let specs = [
+            (GgmlDType::Q5_0, 64usize),
+            (GgmlDType::Q8_0, 13),
+            (GgmlDType::Q6K, 40),
+        ];
+        let layers: Vec<QLinear> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, &(dtype, n))| {
+                let w = Tensor::from_vec(rand_vec(n * k, 30 + i as u64), (n, k), &dev).expect("w");
+                QLinear::new(Arc::new(QTensor::quantize(&w, dtype).expect("q"))).expect("lin")
+            })
+            .collect();
+        for m in [1, 5, 20] {
+            let x = rand_vec(m * k, 40 + m as u64);
+            let refs: Vec<&QLinear> = layers.iter().collect();
+            let fused = QLinear::forward_rows_many(&refs, &x, m).expect("fused");
+            for (l, got) in layers.iter().zip(&fused) {
+                assert_eq!(got, &l.forward_rows(&x, m).expect("one"), "m={m}");
             }
         }
     }

@@ -302,8 +302,9 @@ impl Transformer {
             }
             x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
             ops::rms_norm(&x, &layer.ffn_norm, eps, &mut h);
-            let mut g = layer.gate.forward_rows(&h, seq)?;
-            let u = layer.up.forward_rows(&h, seq)?;
+            let [mut g, u]: [Vec<f32>; 2] = QLinear::forward_rows_many(&[&layer.gate, &layer.up], &h, seq)?
+                .try_into()
+                .map_err(|_| InferenceError::Compute("gate/up outputs".into()))?;
             match self.cfg.arch {
                 Arch::Gemma3 => ops::gelu_mul(&mut g, &u),
                 Arch::Llama | Arch::Qwen2 => ops::silu_mul(&mut g, &u),
@@ -342,18 +343,17 @@ impl Transformer {
     ) -> Result<Vec<f32>, InferenceError> {
         let c = &self.cfg;
         let hd = c.head_dim;
-        let proj = |w: &QLinear, bias: &Option<Vec<f32>>| -> candle_core::Result<Vec<f32>> {
-            let mut y = w.forward_rows(h, seq)?;
+        let [mut q, mut k, mut v]: [Vec<f32>; 3] =
+            QLinear::forward_rows_many(&[&l.wq, &l.wk, &l.wv], h, seq)?
+                .try_into()
+                .map_err(|_| InferenceError::Compute("q/k/v outputs".into()))?;
+        for (y, bias) in [(&mut q, &l.bq), (&mut k, &l.bk), (&mut v, &l.bv)] {
             if let Some(b) = bias {
                 for row in y.chunks_exact_mut(b.len()) {
                     row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
                 }
             }
-            Ok(y)
-        };
-        let mut q = proj(&l.wq, &l.bq)?;
-        let mut k = proj(&l.wk, &l.bk)?;
-        let v = proj(&l.wv, &l.bv)?;
+        }
         let eps = c.rms_eps as f32;
         if let Some(w) = &l.q_norm {
             ops::rms_norm_inplace(&mut q, w, eps);
