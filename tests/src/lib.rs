@@ -236,14 +236,61 @@ pub fn http_post(url: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
     )
 }
 
-/// POST raw bytes (for malformed-input tests).
+/// POST raw bytes (for malformed-input tests), over a plain socket: a server
+/// may answer an oversized body (413) before reading all of it and close the
+/// connection, which is legal HTTP; an HTTP client that writes the whole body
+/// first then fails with a broken pipe instead of reading the answer. Here a
+/// writer thread sends the body while this thread reads the response.
 pub fn http_post_raw(url: &str, body: Vec<u8>) -> anyhow::Result<(u16, Value)> {
-    read(
-        agent()
-            .post(url)
-            .header("content-type", "application/json")
-            .send(&body[..])?,
-    )
+    use std::io::Read;
+    let rest = url.strip_prefix("http://").context("http:// url")?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let mut stream =
+        std::net::TcpStream::connect(authority).with_context(|| format!("connect {authority}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut writer = stream.try_clone()?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {authority}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    // Write errors after the server has answered are expected (see above).
+    let send = std::thread::spawn(move || {
+        let _ = writer
+            .write_all(head.as_bytes())
+            .and_then(|()| writer.write_all(&body));
+    });
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            // A reset after the whole response arrived ends it as well.
+            Err(e) if !raw.is_empty() && e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => return Err(e).context("read response"),
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    let _ = send.join();
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("no end of headers in the response")?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("bad status line: {head}"))?;
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        bail!("chunked response to a raw POST: {head}");
+    }
+    let json = if body.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(body).with_context(|| format!("body: {body}"))?
+    };
+    Ok((status, json))
 }
 
 /// Poll `f` until it returns true or `timeout` passes; returns the time it took.
