@@ -438,7 +438,7 @@ mod x86 {
     /// groups g0..g0+G, written to dst[(r0+r)·n + 8(g0+g) ..]. `$dot` adds the
     /// int8 products of (u8 weights, i8 activations) into an i32x8 accumulator.
     macro_rules! tile_body {
-        ($p:ident, $a:ident, $r0:ident, $g0:ident, $dst:ident, $R:expr, $G:expr, $dot:ident, $vnni:expr) => {{
+        ($p:ident, $a:ident, $r0:ident, $g0:ident, $dst:ident, $R:expr, $G:expr, $dot:ident) => {{
             let p: &Packed = $p;
             let a: &ActQ = $a;
             let nb = p.nb;
@@ -447,10 +447,8 @@ mod x86 {
             let eb = p.enc.bytes();
             let mut acc = [[_mm256_setzero_ps(); $G]; $R];
             let low = _mm256_set1_epi8(0x0f);
-            let flip = _mm256_set1_epi8(-128);
             let bit4 = _mm256_set1_epi8(0x10);
             let bits45 = _mm256_set1_epi8(0x30);
-            let i8_off = p.enc == Enc::I8 && $vnni;
             let mut ia = [[_mm256_setzero_si256(); $G]; $R];
             // Apply the scales of half h of block b (h = 0 for one scale per
             // block) to the integer sums and clear them.
@@ -462,10 +460,8 @@ mod x86 {
                         let dv = _mm256_loadu_ps(p.d.as_ptr().add(at));
                         // `m` is empty for formats without stored offsets: read
                         // only when the offset term applies.
-                        let mv = if !(p.has_m || i8_off) {
+                        let mv = if !p.has_m {
                             _mm256_setzero_ps()
-                        } else if i8_off {
-                            _mm256_mul_ps(dv, _mm256_set1_ps(-128.0))
                         } else if let Some(c) = p.m_of_d {
                             _mm256_mul_ps(dv, _mm256_set1_ps(c))
                         } else {
@@ -475,7 +471,7 @@ mod x86 {
                             let ab = ($r0 + r) * nb + b;
                             let sd = _mm256_mul_ps(dv, _mm256_set1_ps(*a.d.get_unchecked(ab)));
                             acc[r][g] = _mm256_fmadd_ps(sd, _mm256_cvtepi32_ps(ia[r][g]), acc[r][g]);
-                            if p.has_m || i8_off {
+                            if p.has_m {
                                 let sum = if SUB == 2 {
                                     *a.s2.get_unchecked(2 * ab + h)
                                 } else {
@@ -544,34 +540,22 @@ mod x86 {
                     }
                     Enc::I8 => {
                         for t in 0..8 {
+                            // maddubs and vpdpbusd need unsigned weights: |w| times
+                            // x with w's sign. (Adding 128 to w instead saturates
+                            // maddubs, and on VNNI its correction term left results
+                            // that differed from AVX2's in the last bits.)
+                            let mut aw = [_mm256_setzero_si256(); $G];
                             let mut w = [_mm256_setzero_si256(); $G];
                             for g in 0..$G {
                                 w[g] =
                                     _mm256_loadu_si256(p.qs.as_ptr().add((($g0 + g) * nb + b) * eb + t * 32)
                                         as *const __m256i);
-                            }
-                            if !$vnni {
-                                // maddubs needs unsigned weights: |w| times x with w's sign.
-                                let mut aw = [_mm256_setzero_si256(); $G];
-                                for g in 0..$G {
-                                    aw[g] = _mm256_abs_epi8(w[g]);
-                                }
-                                for r in 0..$R {
-                                    let x = qa(r, t);
-                                    for g in 0..$G {
-                                        ia[r][g] = $dot(ia[r][g], aw[g], _mm256_sign_epi8(x, w[g]));
-                                    }
-                                }
-                                continue;
-                            }
-                            // w+128 as u8; the -128·d·Σa term is added with the offsets.
-                            for g in 0..$G {
-                                w[g] = _mm256_xor_si256(w[g], flip);
+                                aw[g] = _mm256_abs_epi8(w[g]);
                             }
                             for r in 0..$R {
                                 let x = qa(r, t);
                                 for g in 0..$G {
-                                    ia[r][g] = $dot(ia[r][g], w[g], x);
+                                    ia[r][g] = $dot(ia[r][g], aw[g], _mm256_sign_epi8(x, w[g]));
                                 }
                             }
                         }
@@ -605,7 +589,7 @@ mod x86 {
     }
 
     macro_rules! tile_fns {
-        ($name:ident, $feat:literal, $dot:ident, $vnni:expr) => {
+        ($name:ident, $feat:literal, $dot:ident) => {
             /// Rows [r0, r0+rows) × groups [g0, g1) into dst (row stride n).
             #[target_feature(enable = $feat)]
             pub(super) unsafe fn $name<const SUB: usize, const HB: usize>(
@@ -625,22 +609,22 @@ mod x86 {
                     while r + 4 <= r_end {
                         let mut g = g0;
                         while g + 2 <= g1 {
-                            tile_body!(p, a, r, g, dst, 4, 2, $dot, $vnni);
+                            tile_body!(p, a, r, g, dst, 4, 2, $dot);
                             g += 2;
                         }
                         if g < g1 {
-                            tile_body!(p, a, r, g, dst, 4, 1, $dot, $vnni);
+                            tile_body!(p, a, r, g, dst, 4, 1, $dot);
                         }
                         r += 4;
                     }
                     while r < r_end {
                         let mut g = g0;
                         while g + 4 <= g1 {
-                            tile_body!(p, a, r, g, dst, 1, 4, $dot, $vnni);
+                            tile_body!(p, a, r, g, dst, 1, 4, $dot);
                             g += 4;
                         }
                         while g < g1 {
-                            tile_body!(p, a, r, g, dst, 1, 1, $dot, $vnni);
+                            tile_body!(p, a, r, g, dst, 1, 1, $dot);
                             g += 1;
                         }
                         r += 1;
@@ -650,12 +634,11 @@ mod x86 {
         };
     }
 
-    tile_fns!(tiles_avx2, "avx2,fma", dot_avx2, false);
+    tile_fns!(tiles_avx2, "avx2,fma", dot_avx2);
     tile_fns!(
         tiles_vnni,
         "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni",
-        dot_vnni,
-        true
+        dot_vnni
     );
 
     pub(super) fn has_vnni() -> bool {
@@ -1032,6 +1015,15 @@ mod tests {
         vs_candle
     }
 
+    /// The formats of one scale (and offset) per 32 values.
+    const BLOCK_FORMATS: [GgmlDType; 5] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+    ];
+
     fn isas() -> Vec<Isa> {
         match isa() {
             Some(Isa::Vnni) => vec![Isa::Avx2, Isa::Vnni],
@@ -1043,13 +1035,7 @@ mod tests {
     #[test]
     fn packed_matches_candle_for_every_format_and_shape() {
         for isa in isas() {
-            for dtype in [
-                GgmlDType::Q4_0,
-                GgmlDType::Q4_1,
-                GgmlDType::Q5_0,
-                GgmlDType::Q5_1,
-                GgmlDType::Q8_0,
-            ] {
+            for dtype in BLOCK_FORMATS {
                 // m covers decode, the 4-row tiles and their remainders and
                 // more than one 16-row panel; n the 2-group tiles, an odd
                 // group count and n not a multiple of 8.
@@ -1093,6 +1079,37 @@ mod tests {
                     let d = compare(dtype, m, k, n, isa);
                     assert!(d < 0.04, "{dtype:?} m={m} k={k} n={n} {isa:?}: {d} off candle");
                 }
+            }
+        }
+    }
+
+    /// The integer sums are exact on both variants and the float epilogue is
+    /// the same code, so a model gives the same outputs on every x86 CPU we
+    /// run on (AVX2 or VNNI), bit for bit, not merely close: a rounding
+    /// difference in one activation flips later int8 roundings and can move a
+    /// near-tie answer (docs/performance.md).
+    #[test]
+    fn every_isa_gives_the_same_bits() {
+        let isas = isas();
+        if isas.len() < 2 {
+            return; // this CPU runs one variant only
+        }
+        let dev = Device::Cpu;
+        for dtype in BLOCK_FORMATS.into_iter().chain([GgmlDType::Q4K, GgmlDType::Q6K]) {
+            for (m, k, n) in [(1, 512, 72), (6, 768, 40), (17, 256, 13)] {
+                let w = Tensor::from_vec(rand_vec(n * k, 50 + n as u64), (n, k), &dev).expect("w");
+                let q = QTensor::quantize(&w, dtype).expect("quantize");
+                let p = Packed::new(dtype, &q.data().expect("data"), n, k).expect("packable");
+                let x = rand_vec(m * k, 60 + m as u64);
+                let outs: Vec<Vec<f32>> = isas
+                    .iter()
+                    .map(|&isa| {
+                        let mut out = vec![0f32; m * n];
+                        packed_matmul(&p, &x, m, isa, &mut out);
+                        out
+                    })
+                    .collect();
+                assert!(outs.iter().all(|o| o == &outs[0]), "{dtype:?} m={m} k={k} n={n}");
             }
         }
     }
