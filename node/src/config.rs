@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+pub use crate::confidence::Signal;
 use serde::{Deserialize, Serialize};
 use swarm_protocol::Privacy;
 
@@ -96,43 +97,6 @@ pub struct ModelThresholds {
     pub platt: Option<[f32; 2]>,
 }
 
-/// A raw confidence score of one answer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Signal {
-    /// Chosen option's probability (mcq/label), geometric-mean token probability (text).
-    #[default]
-    Confidence,
-    /// Chosen minus runner-up option probability (mcq/label only).
-    Margin,
-    /// Mean log-probability of the answer's tokens.
-    MeanLogprob,
-    /// Lowest token probability.
-    MinProb,
-}
-
-impl Signal {
-    pub const ALL: [Signal; 4] = [
-        Signal::Confidence,
-        Signal::Margin,
-        Signal::MeanLogprob,
-        Signal::MinProb,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Signal::Confidence => "confidence",
-            Signal::Margin => "margin",
-            Signal::MeanLogprob => "mean_logprob",
-            Signal::MinProb => "min_prob",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Signal> {
-        Signal::ALL.into_iter().find(|x| x.as_str() == s)
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
@@ -213,7 +177,7 @@ impl RoutingConfig {
         let signal = m.and_then(|m| m.signal).unwrap_or_default();
         let fallback = || score(Signal::Confidence).unwrap_or(0.0).clamp(0.0, 1.0);
         match (m.and_then(|m| m.platt), score(signal)) {
-            (Some([a, b]), Some(x)) if x.is_finite() => 1.0 / (1.0 + (-(a * x + b)).exp()),
+            (Some(ab), Some(x)) if x.is_finite() => crate::confidence::platt(ab, x),
             _ => fallback(),
         }
     }

@@ -1,31 +1,29 @@
-//! The gateway's side of escalation and the per-query safety signal: calling
-//! the cloud model for the swarm (only the elected gateway does), what this
-//! node advertises about its cloud access, and the safety check's entry point
-//! (the classifier itself is `crate::safety`).
+//! The gateway's side of escalation: this node's cloud access (held only here),
+//! what it advertises about it, and the cloud call made for the swarm while this
+//! node is the elected gateway. The coordinator's side (choosing the gateway,
+//! retrying through a successor) is `router::escalate`.
 
 use std::time::{Duration, Instant};
 
-use swarm_protocol::{CloudStatus, ErrorCode, EscalateRequest, EscalateResponse, Task, WireError};
+use swarm_protocol::{
+    clip_owned, CloudStatus, ErrorCode, EscalateRequest, EscalateResponse, Task, WireError,
+};
 
-use crate::cloud::{CloudError, CloudRequest};
+use crate::cloud::{CloudClient, CloudError, CloudRequest};
 use crate::inference::ChatMessage;
-use crate::node::Node;
 
-pub use crate::safety::SafetyFlag;
-
-/// Classify a query (not flagged when the classifier is off). Async: the
-/// embedding runs on the blocking pool, never on the runtime's threads.
-pub async fn safety_check(node: &Node, text: &str) -> SafetyFlag {
-    if !node.cfg.routing.safety {
-        return SafetyFlag::default();
-    }
-    node.semantic.classifier().await.classify(text).await.flag()
+/// This node's cloud access: `None` on a node without cloud credentials.
+pub struct Gateway {
+    cloud: Option<CloudClient>,
+    /// This node's peer id, reported in the answers it gets from the cloud.
+    me: String,
 }
 
 fn wire(code: ErrorCode, e: &CloudError) -> WireError {
-    let mut message = format!("{}: {e}", e.reason());
-    message.truncate(swarm_protocol::MAX_ERROR_LEN);
-    WireError { code, message }
+    WireError {
+        code,
+        message: clip_owned(format!("{}: {e}", e.reason()), swarm_protocol::MAX_ERROR_LEN),
+    }
 }
 
 /// The messages sent to the cloud for an escalation.
@@ -68,69 +66,144 @@ pub fn cloud_prompt(mut msgs: Vec<ChatMessage>, task: &Task) -> Vec<ChatMessage>
     msgs
 }
 
-/// Call the cloud model for an escalation; only valid on a node with cloud access.
-pub async fn cloud_call(node: &Node, req: &EscalateRequest) -> Result<EscalateResponse, WireError> {
-    let Some(client) = &node.cloud else {
-        return Err(WireError {
-            code: ErrorCode::NoModel,
-            message: "this node has no cloud access".into(),
-        });
-    };
-    let deadline = Instant::now() + Duration::from_millis(u64::from(req.deadline_ms));
-    let creq = CloudRequest {
-        messages: cloud_messages(req),
-        max_tokens: req.max_tokens,
-        temperature: 0.0,
-        stop: Vec::new(),
-    };
-    let t0 = Instant::now();
-    let answer = match tokio::time::timeout(
-        deadline.saturating_duration_since(Instant::now()),
-        client.chat(creq),
-    )
-    .await
-    {
-        Ok(Ok(a)) => a,
-        Ok(Err(e)) => {
-            let code = match e {
-                CloudError::BudgetExhausted { .. } => ErrorCode::Overloaded,
-                CloudError::Timeout { .. } => ErrorCode::Timeout,
-                _ => ErrorCode::Internal,
-            };
-            return Err(wire(code, &e));
-        }
-        Err(_) => {
+impl Gateway {
+    pub fn new(cloud: Option<CloudClient>, me: String) -> Self {
+        Self { cloud, me }
+    }
+
+    /// What this node advertises about its cloud access (`None` without it).
+    pub fn status(&self) -> Option<CloudStatus> {
+        self.cloud.as_ref().map(|c| {
+            let s = c.status();
+            CloudStatus {
+                reachable: s.reachable,
+                budget_left: s.budget_left,
+                priority: c.priority(),
+            }
+        })
+    }
+
+    /// Call the cloud model for an escalation; only valid on a node with cloud access.
+    pub async fn call(&self, req: &EscalateRequest) -> Result<EscalateResponse, WireError> {
+        let Some(client) = &self.cloud else {
             return Err(WireError {
-                code: ErrorCode::Timeout,
-                message: "cloud_timeout: the escalation's deadline passed".into(),
-            })
-        }
-    };
-    let mut text = answer.text;
-    text.truncate(swarm_protocol::MAX_TEXT_BYTES);
-    let mut model = if answer.model.is_empty() {
-        client.config().model.clone()
-    } else {
-        answer.model
-    };
-    model.truncate(swarm_protocol::MAX_MODEL_ID_LEN);
-    Ok(EscalateResponse {
-        id: req.id,
-        text: text.trim().to_string(),
-        model,
-        cloud_ms: t0.elapsed().as_millis().min(u128::from(u32::MAX)) as u32,
-        gateway: node.peer_id.to_string(),
-    })
+                code: ErrorCode::NoModel,
+                message: "this node has no cloud access".into(),
+            });
+        };
+        let deadline = Instant::now() + Duration::from_millis(u64::from(req.deadline_ms));
+        let creq = CloudRequest {
+            messages: cloud_messages(req),
+            max_tokens: req.max_tokens,
+            temperature: 0.0,
+            stop: Vec::new(),
+        };
+        let t0 = Instant::now();
+        let answer = match tokio::time::timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            client.chat(creq),
+        )
+        .await
+        {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                let code = match e {
+                    CloudError::BudgetExhausted { .. } => ErrorCode::Overloaded,
+                    CloudError::Timeout { .. } => ErrorCode::Timeout,
+                    _ => ErrorCode::Internal,
+                };
+                return Err(wire(code, &e));
+            }
+            Err(_) => {
+                return Err(WireError {
+                    code: ErrorCode::Timeout,
+                    message: "cloud_timeout: the escalation's deadline passed".into(),
+                })
+            }
+        };
+        // The cloud's text is untrusted: cut on a character boundary, never inside one.
+        let text = clip_owned(answer.text, swarm_protocol::MAX_TEXT_BYTES);
+        let model = if answer.model.is_empty() {
+            client.config().model.clone()
+        } else {
+            answer.model
+        };
+        Ok(EscalateResponse {
+            id: req.id,
+            text: text.trim().to_string(),
+            model: clip_owned(model, swarm_protocol::MAX_MODEL_ID_LEN),
+            cloud_ms: t0.elapsed().as_millis().min(u128::from(u32::MAX)) as u32,
+            gateway: self.me.clone(),
+        })
+    }
 }
 
-/// What this node advertises about its cloud access.
-pub fn cloud_status_of(node: &Node) -> Option<CloudStatus> {
-    node.cloud.as_ref().map(|c| {
-        let s = c.status();
-        CloudStatus {
-            reachable: s.reachable,
-            budget_left: s.budget_left,
-            priority: c.priority(),
-        }
-    })
+#[cfg(test)]
+mod tests {
+    //! The cloud endpoint is a local stand-in (no real endpoint is reachable
+    //! here): an axum server that answers every chat with the same JSON.
+    use super::*;
+    use axum::routing::post;
+    use axum::Json;
+    use serde_json::json;
+    use swarm_protocol::ChatMessage as WireMessage;
+
+    async fn stand_in(text: String, model: String) -> String {
+        let app = axum::Router::new().route(
+            "/v1/chat/completions",
+            post(move || {
+                let (text, model) = (text.clone(), model.clone());
+                async move {
+                    Json(json!({
+                        "id": "x", "object": "chat.completion", "model": model,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                     "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                    }))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        format!("http://{addr}/v1")
+    }
+
+    #[tokio::test]
+    async fn a_huge_multibyte_cloud_answer_is_clipped_on_a_character_boundary() {
+        // One ASCII byte first, so every byte limit falls inside an "é".
+        let text = format!("x{}", "é".repeat(300_000));
+        let model = format!("m{}", "é".repeat(40));
+        let base_url = stand_in(text.clone(), model.clone()).await;
+        let client = CloudClient::new(crate::cloud::CloudConfig {
+            base_url,
+            ..Default::default()
+        })
+        .expect("client");
+        let gw = Gateway::new(Some(client), "me".into());
+        let req = EscalateRequest {
+            id: 7,
+            messages: vec![WireMessage::new("user", "say é")],
+            task: Task::Free,
+            max_tokens: 16,
+            swarm_answers: Vec::new(),
+            deadline_ms: 10_000,
+        };
+        let r = gw.call(&req).await.expect("cloud answer");
+        assert_eq!(r.id, 7);
+        assert!(r.text.len() <= swarm_protocol::MAX_TEXT_BYTES);
+        assert!(
+            r.text.len() > swarm_protocol::MAX_TEXT_BYTES - 2,
+            "{}",
+            r.text.len()
+        );
+        assert!(text.starts_with(&r.text));
+        assert!(r.model.len() <= swarm_protocol::MAX_MODEL_ID_LEN);
+        assert!(model.starts_with(&r.model));
+        assert_eq!(r.gateway, "me");
+        // What goes back on the wire passes the protocol's own validation.
+        swarm_protocol::Validate::validate(&r).expect("valid response");
+    }
 }

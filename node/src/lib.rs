@@ -1,9 +1,11 @@
 //! slm-swarm node library: the model cache, the inference engine, the libp2p
 //! network, the membership task (adverts, peer table, gateway election), the
 //! router (local → vote → cloud) and the OpenAI-compatible HTTP API.
+//! `node` wires them together; see `router` for the query path.
 
 pub mod api;
 pub mod cloud;
+pub mod confidence;
 pub mod config;
 pub mod eval;
 pub mod gateway;
@@ -14,3 +16,5 @@ pub mod network;
 pub mod node;
 pub mod router;
 pub mod safety;
+pub mod served;
+pub mod swarm;

@@ -618,6 +618,15 @@ impl Semantic {
             .clone()
     }
 
+    /// The safety signal of one query (never flagged when `enabled` is false).
+    /// Async: the embedding runs on the blocking pool, never on the runtime's threads.
+    pub async fn check(&self, enabled: bool, text: &str) -> SafetyFlag {
+        if !enabled {
+            return SafetyFlag::default();
+        }
+        self.classifier().await.classify(text).await.flag()
+    }
+
     /// Load both now (spawned at node start so the first query does not pay for it).
     pub async fn warm_up(&self, safety: bool) {
         if safety {

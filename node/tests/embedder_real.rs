@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use swarm_node::config::NodeConfig;
 use swarm_node::inference::embedder::{cosine, Embedder, DEFAULT_EMBEDDER};
 use swarm_node::models::{self, Catalog, PullOptions};
-use swarm_node::router::{free_vote, free_vote_by_meaning};
+use swarm_node::router::free_vote_by_meaning;
 use swarm_node::safety::{Labelled, SafetyClassifier};
+use swarm_protocol::free_vote;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -15,7 +15,7 @@ use swarm_node::inference::{
 };
 use swarm_node::models::{self, Catalog, PullOptions};
 use swarm_node::node::Node;
-use swarm_node::router::{self, ChatParams, ChatRequest, SwarmExt};
+use swarm_node::router::{ChatParams, ChatRequest, SwarmExt};
 use swarm_protocol::{RouteOverride, Task};
 
 /// Answers every prompt with one fixed sentence at a fixed confidence.
@@ -150,8 +150,11 @@ async fn paraphrases_win_a_free_text_vote_by_meaning() {
     };
     models::ensure(&cat, &models::home_dir(), DEFAULT_EMBEDDER, &opts).expect("embedder available");
     let nodes = swarm("emb", DEFAULT_EMBEDDER).await;
-    assert!(nodes[0].semantic.embedder().await.is_some(), "embedder loaded");
-    let a = router::chat(&nodes[0], question()).await.expect("chat");
+    assert!(
+        nodes[0].router.semantic().embedder().await.is_some(),
+        "embedder loaded"
+    );
+    let a = nodes[0].router.chat(question()).await.expect("chat");
     assert_eq!(a.prov.route, "vote", "{:?}", a.prov);
     assert_eq!(
         a.prov.voters.iter().filter(|v| v.answer.is_some()).count(),
@@ -168,8 +171,8 @@ async fn paraphrases_win_a_free_text_vote_by_meaning() {
 
     // Without an embedder the node matches exactly: three different answers, the confident one wins.
     let exact = swarm("exact", "").await;
-    assert!(exact[0].semantic.embedder().await.is_none());
-    let a = router::chat(&exact[0], question()).await.expect("chat");
+    assert!(exact[0].router.semantic().embedder().await.is_none());
+    let a = exact[0].router.chat(question()).await.expect("chat");
     assert_eq!(a.prov.route, "vote", "{:?}", a.prov);
     assert!(a.text.contains("Lyon"), "exact match: {:?}", a.text);
     let agreement = a.prov.agreement.expect("agreement");

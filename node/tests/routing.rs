@@ -9,7 +9,7 @@ use swarm_node::config::NodeConfig;
 use swarm_node::inference::testing::FakeBackend;
 use swarm_node::inference::Backend;
 use swarm_node::node::Node;
-use swarm_node::router::{self, ChatRequest, SwarmExt};
+use swarm_node::router::{ChatRequest, SwarmExt};
 use swarm_protocol::{Privacy, RouteOverride};
 
 async fn swarm(tau_local: f32, n: usize) -> Vec<Node> {
@@ -57,7 +57,7 @@ fn mcq(i: usize, privacy: Option<Privacy>) -> ChatRequest {
 async fn high_tau_local_votes_every_time_low_never() {
     let high = swarm(0.9, 3).await;
     for i in 0..5 {
-        let a = router::chat(&high[0], mcq(i, None)).await.expect("chat");
+        let a = high[0].router.chat(mcq(i, None)).await.expect("chat");
         assert_eq!(a.prov.route, "vote", "query {i}: {:?}", a.prov);
         assert_eq!(a.prov.voters.len(), 3, "{:?}", a.prov.voters);
         let models: std::collections::BTreeSet<&str> =
@@ -69,7 +69,9 @@ async fn high_tau_local_votes_every_time_low_never() {
         assert!(a.prov.agreement.is_some());
     }
     // Privacy `device` never asks peers, even when unsure.
-    let a = router::chat(&high[0], mcq(9, Some(Privacy::Device)))
+    let a = high[0]
+        .router
+        .chat(mcq(9, Some(Privacy::Device)))
         .await
         .expect("chat");
     assert_eq!(a.prov.route, "local");
@@ -77,7 +79,7 @@ async fn high_tau_local_votes_every_time_low_never() {
     assert!(a.prov.voters.is_empty());
     let low = swarm(0.1, 3).await;
     for i in 0..5 {
-        let a = router::chat(&low[0], mcq(i, None)).await.expect("chat");
+        let a = low[0].router.chat(mcq(i, None)).await.expect("chat");
         assert_eq!(a.prov.route, "local", "query {i}: {:?}", a.prov);
         assert!(a.prov.voters.is_empty());
         assert!(!a.prov.degraded);

@@ -10,6 +10,7 @@ pub mod message;
 pub mod peers;
 pub mod policy;
 pub mod task;
+pub mod text;
 pub mod vote;
 
 pub use codec::{decode, decode_msg, encode, encode_msg, CodecError, WireMessage};
@@ -19,11 +20,12 @@ pub use election::{
 pub use message::*;
 pub use peers::{PeerEntry, PeerEvent, PeerTable};
 pub use policy::{
-    decide_after_vote, decide_first, AfterVote, DegradedReason, Privacy, Route, RouteInputs, RouteOverride,
-    Thresholds,
+    decide_after_vote, decide_first, local_is_final, AfterVote, DegradedReason, Privacy, Route, RouteInputs,
+    RouteOverride, Thresholds,
 };
 pub use task::detect_task;
+pub use text::{clip, clip_owned};
 pub use vote::{
-    cluster_free, free_outcome, normalize, select_voters, select_voters_spread, squad_normalize, vote_weight,
-    Ballot, FreeCluster, VoteOutcome, VoteTally, VoterCandidate,
+    cluster_free, free_outcome, free_vote, normalize, select_voters, select_voters_spread, squad_normalize,
+    vote_weight, Ballot, FreeCluster, FreeVote, VoteOutcome, VoteTally, VoterCandidate,
 };

@@ -203,6 +203,20 @@ pub fn decide_first(i: &RouteInputs, t: &Thresholds) -> Route {
     }
 }
 
+/// True when the local answer is final whatever its confidence turns out to be
+/// (forced local, privacy `device`, nobody to ask, …): the router may then
+/// stream the local tokens as they are generated, before the confidence is known.
+/// The decision is monotone in the confidence, so checking both ends suffices.
+pub fn local_is_final(i: &RouteInputs, t: &Thresholds) -> bool {
+    [0.0, 1.0].into_iter().all(|c| {
+        let at = RouteInputs {
+            local_confidence: c,
+            ..*i
+        };
+        matches!(decide_first(&at, t), Route::Local | Route::LocalDegraded { .. })
+    })
+}
+
 /// Route after a vote whose winner has weighted share `agreement`.
 pub fn decide_after_vote(agreement: f32, i: &RouteInputs, t: &Thresholds) -> AfterVote {
     if i.route_override == RouteOverride::Vote {
@@ -221,6 +235,33 @@ pub fn decide_after_vote(agreement: f32, i: &RouteInputs, t: &Thresholds) -> Aft
 mod tests {
     use super::*;
     use DegradedReason::*;
+
+    #[test]
+    fn local_is_final_only_when_confidence_cannot_change_the_route() {
+        let base = inputs();
+        assert!(!local_is_final(&base, &T), "low confidence would vote");
+        let forced = RouteInputs {
+            route_override: RouteOverride::Local,
+            ..base
+        };
+        assert!(local_is_final(&forced, &T));
+        let device = RouteInputs {
+            privacy: Privacy::Device,
+            ..base
+        };
+        assert!(local_is_final(&device, &T));
+        let alone = RouteInputs {
+            live_voters: 0,
+            gateway_available: false,
+            ..base
+        };
+        assert!(local_is_final(&alone, &T));
+        let flagged = RouteInputs {
+            safety_flag: true,
+            ..base
+        };
+        assert!(!local_is_final(&flagged, &T), "a flagged query escalates");
+    }
 
     const T: Thresholds = Thresholds {
         tau_local: 0.8,

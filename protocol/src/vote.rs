@@ -439,16 +439,37 @@ pub fn cluster_free(answers: &[(String, Vec<f32>, f32)], threshold: f32) -> Vec<
     clusters
 }
 
-/// The outcome of a free-text vote: the heaviest cluster's representative text wins.
-pub fn free_outcome(answers: &[(String, Vec<f32>, f32)], threshold: f32, quorum: usize) -> VoteOutcome {
+/// A free-text vote decided by meaning.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FreeVote {
+    /// Index (into the input) of the winning cluster's representative.
+    pub winner: usize,
+    /// The winning cluster's weighted share of all answers.
+    pub agreement: f32,
+    pub clusters: Vec<FreeCluster>,
+}
+
+/// Cluster answers with [`cluster_free`]; the heaviest cluster wins and its share
+/// of the weight is the agreement. `None` without answers (or without weight).
+pub fn free_vote(answers: &[(String, Vec<f32>, f32)], threshold: f32) -> Option<FreeVote> {
     let clusters = cluster_free(answers, threshold);
     let total: f32 = clusters.iter().map(|c| c.weight).sum();
-    let (winner, agreement) = match clusters.first() {
-        Some(c) if total > 0.0 => (
-            Some(answers[c.representative].0.clone()),
-            (c.weight / total).min(1.0),
-        ),
-        _ => (None, 0.0),
+    let first = clusters.first()?;
+    if total <= 0.0 {
+        return None;
+    }
+    Some(FreeVote {
+        winner: first.representative,
+        agreement: (first.weight / total).min(1.0),
+        clusters,
+    })
+}
+
+/// The outcome of a free-text vote: the heaviest cluster's representative text wins.
+pub fn free_outcome(answers: &[(String, Vec<f32>, f32)], threshold: f32, quorum: usize) -> VoteOutcome {
+    let (winner, agreement) = match free_vote(answers, threshold) {
+        Some(v) => (Some(answers[v.winner].0.clone()), v.agreement),
+        None => (None, 0.0),
     };
     VoteOutcome {
         winner,

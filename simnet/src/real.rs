@@ -374,7 +374,7 @@ impl RealSwarm {
             for (k, &c) in batch.iter().enumerate() {
                 let node = self.nodes[c].clone();
                 let q = batch_no * self.cfg.concurrency + k;
-                set.spawn(async move { (k, vote_record(c, router::chat(&node, vote_request(q)).await)) });
+                set.spawn(async move { (k, vote_record(c, node.router.chat(vote_request(q)).await)) });
             }
             let mut done: Vec<(usize, VoteRecord)> = Vec::new();
             while let Some(r) = set.join_next().await {

@@ -17,10 +17,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
-use swarm_protocol::{RouteOverride, Task};
 
 use crate::node::Node;
-use crate::router::{self, Answer, ChatRequest, RouteError, Target};
+use crate::router::{Answer, ChatEvent, ChatRequest, RouteError};
 pub use types::{ChatCompletionRequest, ErrorBody};
 
 /// An error as OpenAI's API reports it.
@@ -134,12 +133,12 @@ async fn chat_completions(
     let stream = body.stream.unwrap_or(false);
     let want_logprobs = body.logprobs.unwrap_or(false);
     let req = body.into_request(&node)?;
-    let id = format!("chatcmpl-{:x}", node.next_request_id());
+    let id = format!("chatcmpl-{:x}", node.router.next_id());
     if stream {
         return Ok(stream_response(node, req, id).await?.into_response());
     }
     let outer = req.deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
-    let answer = match tokio::time::timeout(outer, router::chat(&node, req)).await {
+    let answer = match tokio::time::timeout(outer, node.router.chat(req)).await {
         Ok(r) => r?,
         Err(_) => return Err(RouteError::Timeout.into()),
     };
@@ -200,111 +199,59 @@ fn chunk(id: &str, model: &str, delta: Value, finish: Option<&str>, extra: Optio
 type EventStream = std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>>;
 type SseStream = Sse<axum::response::sse::KeepAliveStream<EventStream>>;
 
-/// SSE: tokens stream live when the route is forced local on a local model;
-/// otherwise the routed answer (local, vote or cloud) is streamed once decided.
+/// SSE over the router's event stream: each token a content delta, then a last
+/// chunk with the finish reason and the `swarm` provenance. An error before the
+/// first event is an HTTP error; one after it ends the stream with an error chunk.
 async fn stream_response(node: Node, req: ChatRequest, id: String) -> Result<SseStream, ApiError> {
-    let local = match router::target(&node, req.model.as_deref()).map_err(ApiError::from)? {
-        Target::Local(h) => Some(h.clone()),
-        Target::Remote(_) => None,
+    // Chunks before the last name the requested model; the last names the one that answered.
+    let model = match req.model.as_deref() {
+        None | Some("") | Some("auto") | Some("swarm") => node.models.default_id().to_string(),
+        Some(m) => m.to_string(),
     };
-    let task = router::task_of(&req.messages, req.ext.task.clone());
-    let live = req.ext.route == RouteOverride::Local && matches!(task, Task::Short | Task::Free);
-    if let (Some(h), true) = (local, live) {
-        let t0 = Instant::now();
-        let model = h.info().id.clone();
-        let (pieces, done) = h
-            .generate_stream(
-                router::generate_request(&req.messages, &req.params),
-                Some(req.deadline),
-            )
-            .map_err(|e| ApiError::from(RouteError::from(e)))?;
-        let head = stream::once({
-            let (id, model) = (id.clone(), model.clone());
-            async move { Ok(chunk(&id, &model, json!({"role": "assistant"}), None, None)) }
-        });
-        let body = {
-            let (id, model) = (id.clone(), model.clone());
-            tokio_stream::wrappers::ReceiverStream::new(pieces)
-                .map(move |p| Ok(chunk(&id, &model, json!({"content": p}), None, None)))
-        };
-        let tail = stream::once(async move {
-            let (finish, extra) = match done.await {
-                Ok(Ok(g)) => {
-                    node.record_speed(&model, g.completion_tokens, g.decode_ms);
-                    let elapsed = t0.elapsed().as_millis() as u64;
-                    node.metrics.observe_query("local", elapsed as f64);
-                    let conf = node
-                        .cfg
-                        .routing
-                        .calibrate(&model, |s| crate::router::generation_signal(&g, s));
-                    (
-                        g.finish_reason.as_str().to_string(),
-                        json!({"route": "local", "peer": node.peer_id.to_string(), "model": model,
-                               "confidence": conf, "elapsed_ms": elapsed, "task": task.kind(), "voters": [],
-                               "gateway": null, "degraded": false, "degraded_reason": null}),
+    let mut events = node.router.chat_stream(req);
+    let first = match events.next().await {
+        Some(Ok(ev)) => ev,
+        Some(Err(e)) => return Err(e.into()),
+        None => return Err(RouteError::Internal("no answer".into()).into()),
+    };
+    let head = stream::once({
+        let (id, model) = (id.clone(), model.clone());
+        async move { Ok(chunk(&id, &model, json!({"role": "assistant"}), None, None)) }
+    });
+    let body = stream::once(async move { Ok(first) })
+        .chain(events)
+        .map(move |ev| {
+            Ok(match ev {
+                Ok(ChatEvent::Token(t)) => chunk(&id, &model, json!({"content": t}), None, None),
+                Ok(ChatEvent::Done(a)) => {
+                    let prov = serde_json::to_value(&a.prov).unwrap_or(Value::Null);
+                    chunk(
+                        &id,
+                        &a.model,
+                        json!({}),
+                        Some(&a.finish_reason),
+                        Some(("swarm", prov)),
                     )
                 }
-                Ok(Err(e)) => ("error".to_string(), json!({"error": e.to_string()})),
-                Err(_) => ("error".to_string(), json!({"error": "generation stopped"})),
-            };
-            Ok(chunk(
-                &id,
-                &model,
-                json!({}),
-                Some(&finish),
-                Some(("swarm", extra)),
-            ))
+                Err(e) => chunk(
+                    &id,
+                    &model,
+                    json!({}),
+                    Some("error"),
+                    Some(("swarm", json!({"error": e.to_string()}))),
+                ),
+            })
         });
-        let done_ev = stream::once(async { Ok(Event::default().data("[DONE]")) });
-        let s = head.chain(body).chain(tail).chain(done_ev);
-        return Ok(Sse::new(Box::pin(s) as EventStream).keep_alive(KeepAlive::default()));
-    }
-    // Routed answer, decided first, then streamed in pieces.
-    let answer = router::chat(&node, req).await.map_err(ApiError::from)?;
-    let mut events = vec![chunk(
-        &id,
-        &answer.model,
-        json!({"role": "assistant"}),
-        None,
-        None,
-    )];
-    for piece in split_pieces(&answer.text) {
-        events.push(chunk(&id, &answer.model, json!({"content": piece}), None, None));
-    }
-    let prov = serde_json::to_value(&answer.prov).unwrap_or(Value::Null);
-    events.push(chunk(
-        &id,
-        &answer.model,
-        json!({}),
-        Some(&answer.finish_reason),
-        Some(("swarm", prov)),
-    ));
-    events.push(Event::default().data("[DONE]"));
-    let s = stream::iter(events.into_iter().map(Ok));
+    let done_ev = stream::once(async { Ok(Event::default().data("[DONE]")) });
+    let s = head.chain(body).chain(done_ev);
     Ok(Sse::new(Box::pin(s) as EventStream).keep_alive(KeepAlive::default()))
-}
-
-/// Word-sized pieces (whitespace kept), as a token stream would deliver them.
-fn split_pieces(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    for ch in text.chars() {
-        if ch.is_whitespace() && !cur.trim().is_empty() {
-            out.push(std::mem::take(&mut cur));
-        }
-        cur.push(ch);
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
 }
 
 async fn models(State(node): State<Node>) -> Json<Value> {
     let view = node.snapshot();
     let mut by_model: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     let me = node.peer_id.to_string();
-    for id in node.models.keys() {
+    for id in node.models.ids() {
         by_model.entry(id.clone()).or_default().push(me.clone());
     }
     for p in &view.peers {
@@ -384,7 +331,7 @@ async fn healthz(State(node): State<Node>) -> Json<Value> {
         "status": "ok",
         "peer_id": node.peer_id.to_string(),
         "name": node.name,
-        "models": node.models.keys().collect::<Vec<_>>(),
+        "models": node.models.ids().collect::<Vec<_>>(),
         "peers": view.peers.len(),
         "uptime_s": node.started.elapsed().as_secs(),
     }))

@@ -252,7 +252,7 @@ pub fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
         println!("peer id: {}", node.peer_id);
         println!(
             "models: {}",
-            node.models.keys().cloned().collect::<Vec<_>>().join(", ")
+            node.models.ids().cloned().collect::<Vec<_>>().join(", ")
         );
         println!("namespace: {}", node.cfg.namespace);
         println!("identity: {}", id_path.display());

@@ -21,7 +21,7 @@ use swarm_node::inference::testing::FakeBackend;
 use swarm_node::inference::Backend;
 use swarm_node::network::TransportKind;
 use swarm_node::node::{Node, NodeOptions};
-use swarm_node::router::{self, ChatRequest, SwarmExt};
+use swarm_node::router::{ChatRequest, SwarmExt};
 use swarm_protocol::{Privacy, RouteOverride};
 
 use super::node::{load_backends, serve_http, StartArgs};
@@ -188,7 +188,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         .await?;
         println!(
             "slm-swarm serve: {}",
-            node.models.keys().cloned().collect::<Vec<_>>().join(", ")
+            node.models.ids().cloned().collect::<Vec<_>>().join(", ")
         );
         println!("peer id: {}", node.peer_id);
         println!("http: http://{local}");
@@ -321,7 +321,7 @@ pub fn bench_vote(a: BenchVoteArgs) -> anyhow::Result<ExitCode> {
                 ext,
                 Duration::from_secs(120),
             );
-            let ans = router::chat(&coord, req).await?;
+            let ans = coord.router.chat(req).await?;
             let p = ans.prov;
             let Some(vote_ms) = p.vote_ms else {
                 bail!("vote {i} did not run: route {}", p.route)

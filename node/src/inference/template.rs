@@ -3,25 +3,12 @@
 //! that ship none, a plain "User:/Assistant:" transcript that base models continue well.
 
 use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
-use serde::{Deserialize, Serialize};
 
 use super::InferenceError;
 
-/// One chat turn, as in OpenAI's API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-}
-
-impl ChatMessage {
-    pub fn new(role: &str, content: &str) -> Self {
-        Self {
-            role: role.to_string(),
-            content: content.to_string(),
-        }
-    }
-}
+/// One chat turn, as in OpenAI's API: the protocol's type, so messages go on
+/// the wire without conversion.
+pub use swarm_protocol::ChatMessage;
 
 pub struct ChatTemplate {
     env: Option<Environment<'static>>,

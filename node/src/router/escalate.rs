@@ -1,0 +1,91 @@
+//! The coordinator's side of escalation: send the query and what the swarm said
+//! to the elected gateway (this node's own cloud access when it is the gateway),
+//! retrying once through a successor if the gateway fails mid-escalation.
+
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use swarm_protocol::{EscalateReply, EscalateRequest, Task, VoterRecord};
+
+use super::request::{remaining, wire_deadline, ChatRequest};
+use super::Router;
+
+/// Outcome of an escalation.
+pub(super) struct Escalated {
+    pub text: String,
+    pub model: String,
+    pub cloud_ms: u32,
+    pub gateway: String,
+}
+
+impl Router {
+    /// Send the query and the swarm's answers to the gateway; `Err` says why the
+    /// cloud could not answer (the caller degrades to the swarm's answer).
+    pub(super) async fn escalate(
+        &self,
+        query_id: u64,
+        req: &ChatRequest,
+        task: &Task,
+        votes: Vec<VoterRecord>,
+    ) -> Result<Escalated, String> {
+        let mut tried: Vec<String> = Vec::new();
+        let mut last = String::from("no gateway");
+        for attempt in 0..2 {
+            let mut gw = self.snapshot().gateway.clone();
+            if attempt == 1 {
+                // Give the membership task a few advert periods to elect a successor.
+                let wait =
+                    Duration::from_millis(self.p.advert_interval_ms * u64::from(self.p.missed_adverts + 1));
+                let until = (Instant::now() + wait).min(req.deadline);
+                let mut rx = self.p.view.clone();
+                while gw.as_ref().is_none_or(|g| tried.contains(&g.peer)) && Instant::now() < until {
+                    let _ = tokio::time::timeout(remaining(until), rx.changed()).await;
+                    gw = rx.borrow().gateway.clone();
+                }
+            }
+            let Some(g) = gw.filter(|g| !tried.contains(&g.peer)) else {
+                return Err(format!("cloud unavailable: {last}"));
+            };
+            tried.push(g.peer.clone());
+            let left = remaining(req.deadline);
+            if left.is_zero() {
+                return Err("cloud unavailable: deadline passed".into());
+            }
+            let er = EscalateRequest {
+                id: query_id,
+                messages: req.messages.clone(),
+                task: task.clone(),
+                max_tokens: req.params.max_tokens.clamp(1, swarm_protocol::MAX_TOKENS),
+                swarm_answers: votes.iter().take(swarm_protocol::MAX_VOTERS).cloned().collect(),
+                deadline_ms: wire_deadline(left),
+            };
+            let res = if g.peer == self.me() {
+                self.p.gateway.call(&er).await.map_err(|e| e.message)
+            } else {
+                match g.peer.parse::<PeerId>() {
+                    Ok(p) => match self.p.net.escalate(p, er, left).await {
+                        Ok(EscalateReply::Ok(r)) => Ok(r),
+                        Ok(EscalateReply::Err(e)) => Err(format!("gateway {}: {}", g.peer, e.message)),
+                        Err(e) => Err(format!("gateway {}: {e}", g.peer)),
+                    },
+                    Err(_) => Err("bad gateway id".into()),
+                }
+            };
+            match res {
+                Ok(r) => {
+                    return Ok(Escalated {
+                        text: r.text,
+                        model: r.model,
+                        cloud_ms: r.cloud_ms,
+                        gateway: r.gateway,
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!("escalation failed: {e}");
+                    last = e;
+                }
+            }
+        }
+        Err(format!("cloud unavailable: {last}"))
+    }
+}

@@ -1,0 +1,380 @@
+//! Runs a query: the local answer with its calibrated confidence, then the
+//! protocol's route policy decides between answering locally, a distributed
+//! vote among heterogeneous peers, or escalation to the gateway's cloud model.
+//! Also serves peers: votes, forwarded queries and (on the gateway) escalations.
+//! Decisions come from `swarm_protocol::policy`; this module only executes them.
+//!
+//! One path for every caller: [`Router::chat_stream`] yields the answer's text
+//! as [`ChatEvent::Token`]s, then one [`ChatEvent::Done`] with the whole answer
+//! and its provenance; [`Router::chat`] collects it. Local tokens stream as they
+//! are generated when the policy says the route is local whatever the
+//! confidence; otherwise the decided answer streams as soon as it is decided.
+//!
+//! The [`Router`] holds only what a query needs; `Node::start` builds it.
+
+mod escalate;
+mod forward;
+mod local;
+mod request;
+mod serve;
+mod vote;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::stream::{Stream, StreamExt};
+use swarm_protocol::{
+    decide_after_vote, decide_first, local_is_final, AfterVote, Privacy, Route, RouteInputs, Thresholds,
+    VoterRecord,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
+
+pub use local::{generate_request, LocalAnswer};
+pub use request::{
+    task_of, Answer, ChatEvent, ChatParams, ChatRequest, Provenance, RouteError, SwarmExt, VoterView,
+};
+pub use vote::free_vote_by_meaning;
+
+use crate::config::RoutingConfig;
+use crate::gateway::Gateway;
+use crate::inference::ModelHandle;
+use crate::metrics::{Metrics, OutcomeLabel};
+use crate::network::NetworkHandle;
+use crate::safety::Semantic;
+use crate::served::LocalModels;
+use crate::swarm::SwarmView;
+use local::Live;
+use request::last_user;
+
+/// What a router needs, handed over by `Node::start`.
+pub struct RouterParts {
+    /// This node's peer id (text) and display name (for log spans).
+    pub me: String,
+    pub name: String,
+    pub routing: RoutingConfig,
+    /// Membership timing: how long a failed gateway takes to be replaced.
+    pub advert_interval_ms: u64,
+    pub missed_adverts: u32,
+    /// Cap on tokens a peer may ask this node to generate.
+    pub max_tokens_limit: u32,
+    pub models: Arc<LocalModels>,
+    pub net: NetworkHandle,
+    pub view: watch::Receiver<Arc<SwarmView>>,
+    pub gateway: Arc<Gateway>,
+    pub semantic: Arc<Semantic>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Runs queries for this node and serves its peers' requests. Cheap to clone.
+#[derive(Clone)]
+pub struct Router {
+    p: Arc<RouterParts>,
+    next_id: Arc<AtomicU64>,
+}
+
+/// A streamed answer: tokens, then the answer (or an error).
+pub type ChatStream = std::pin::Pin<Box<dyn Stream<Item = Result<ChatEvent, RouteError>> + Send>>;
+
+/// Resolve the requested model: a local handle, or the peers that serve it.
+pub enum Target<'a> {
+    Local(&'a ModelHandle),
+    Remote(Vec<String>),
+}
+
+impl Router {
+    pub fn new(p: RouterParts) -> Self {
+        // Seeded from the wall clock so ids stay unique across restarts.
+        let seed = crate::swarm::membership::wall_ms() << 16;
+        Router {
+            p: Arc::new(p),
+            next_id: Arc::new(AtomicU64::new(seed)),
+        }
+    }
+
+    /// This node's peer id.
+    pub fn me(&self) -> &str {
+        &self.p.me
+    }
+
+    /// A fresh id: queries, completions.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn snapshot(&self) -> Arc<SwarmView> {
+        self.p.view.borrow().clone()
+    }
+
+    pub fn models(&self) -> &LocalModels {
+        &self.p.models
+    }
+
+    pub fn semantic(&self) -> &Semantic {
+        &self.p.semantic
+    }
+
+    pub fn target(&self, model: Option<&str>) -> Result<Target<'_>, RouteError> {
+        let models = &self.p.models;
+        let id = match model {
+            None | Some("") | Some("auto") | Some("swarm") => models.default_id(),
+            Some(m) => m,
+        };
+        if let Some(h) = models.get(id) {
+            return Ok(Target::Local(h));
+        }
+        let view = self.snapshot();
+        let peers: Vec<String> = view
+            .peers_with_model(id)
+            .iter()
+            .map(|p| p.advert.peer.clone())
+            .collect();
+        if peers.is_empty() {
+            if let Some(t) = view.gone.get(id) {
+                return Err(RouteError::NoPeer {
+                    model: id.to_string(),
+                    reason: format!("its last peer left {} s ago", t.elapsed().as_secs()),
+                });
+            }
+            return Err(RouteError::UnknownModel(id.to_string()));
+        }
+        Ok(Target::Remote(peers))
+    }
+
+    /// Answer a chat request (the collected [`Router::chat_stream`]).
+    pub async fn chat(&self, req: ChatRequest) -> Result<Answer, RouteError> {
+        let mut events = self.chat_stream(req);
+        while let Some(ev) = events.next().await {
+            if let ChatEvent::Done(a) = ev? {
+                return Ok(*a);
+            }
+        }
+        Err(RouteError::Internal(
+            "the answer stream ended without an answer".into(),
+        ))
+    }
+
+    /// Answer a chat request as a stream of events (see the module docs).
+    /// Dropping the stream abandons the query.
+    pub fn chat_stream(&self, req: ChatRequest) -> ChatStream {
+        let router = self.clone();
+        Box::pin(async_stream::stream! {
+            let (tx, mut rx) = mpsc::channel::<String>(64);
+            let run = router.run(req, tx);
+            tokio::pin!(run);
+            let mut streamed = false;
+            let mut open = true;
+            let result = loop {
+                let step = tokio::select! {
+                    biased;
+                    t = rx.recv(), if open => Ok(t),
+                    r = &mut run => Err(r),
+                };
+                match step {
+                    Ok(Some(t)) => {
+                        streamed = true;
+                        yield Ok(ChatEvent::Token(t));
+                    }
+                    Ok(None) => open = false,
+                    Err(r) => break r,
+                }
+            };
+            while let Ok(t) = rx.try_recv() {
+                streamed = true;
+                yield Ok(ChatEvent::Token(t));
+            }
+            match result {
+                Ok(a) => {
+                    if !streamed && !a.text.is_empty() {
+                        yield Ok(ChatEvent::Token(a.text.clone()));
+                    }
+                    yield Ok(ChatEvent::Done(Box::new(a)));
+                }
+                Err(e) => yield Err(e),
+            }
+        })
+    }
+
+    /// One query, start to end; local tokens go to `tokens` when they may.
+    async fn run(&self, req: ChatRequest, tokens: mpsc::Sender<String>) -> Result<Answer, RouteError> {
+        let query_id = self.next_id();
+        let span = tracing::info_span!("query", node = %self.p.name, query_id);
+        self.route(query_id, req, tokens).instrument(span).await
+    }
+
+    async fn route(
+        &self,
+        query_id: u64,
+        req: ChatRequest,
+        tokens: mpsc::Sender<String>,
+    ) -> Result<Answer, RouteError> {
+        let t0 = Instant::now();
+        let handle = match self.target(req.model.as_deref())? {
+            Target::Local(h) => h.clone(),
+            Target::Remote(peers) => return self.forward(query_id, &req, peers, t0).await,
+        };
+        let routing = &self.p.routing;
+        let task = req.task();
+        let privacy: Privacy = req.ext.privacy.unwrap_or(routing.privacy);
+        let (tau_local, tau_vote) = routing.thresholds(&handle.info().id);
+        let thresholds = Thresholds { tau_local, tau_vote };
+        let view = self.snapshot();
+        let mut inputs = RouteInputs {
+            local_confidence: 0.0,
+            privacy,
+            min_confidence: req.ext.min_confidence,
+            live_voters: view.peers.iter().filter(|p| !p.advert.models.is_empty()).count(),
+            safety_flag: false,
+            route_override: req.ext.route,
+            gateway_available: view.gateway.is_some(),
+        };
+        // The safety check (an embedding on the blocking pool) runs alongside the
+        // local answer; once it is known, the policy says whether the local tokens
+        // may stream before the answer's confidence is known.
+        let (release_tx, release) = oneshot::channel();
+        let live = Live { tokens, release };
+        let safety = async {
+            let s = self
+                .p
+                .semantic
+                .check(routing.safety, last_user(&req.messages))
+                .await;
+            let pre = RouteInputs {
+                safety_flag: s.flagged,
+                ..inputs
+            };
+            let _ = release_tx.send(local_is_final(&pre, &thresholds));
+            s
+        };
+        let (safety, local) = tokio::join!(
+            safety,
+            self.answer_locally(
+                &handle,
+                &req.messages,
+                &task,
+                &req.params,
+                req.deadline,
+                Some(live)
+            )
+        );
+        let local = local?;
+        let metrics = &self.p.metrics;
+        if safety.flagged {
+            metrics.safety_flags.inc();
+        }
+        inputs.local_confidence = local.confidence;
+        inputs.safety_flag = safety.flagged;
+        let mut prov = Provenance::answered_by(self.me(), &local.model, local.confidence, &task);
+        prov.safety_flag = safety.flagged;
+        prov.safety_category = safety.category.clone();
+        let mut answer = Answer {
+            text: local.text.clone(),
+            model: local.model.clone(),
+            finish_reason: local.finish_reason.clone(),
+            prompt_tokens: local.prompt_tokens,
+            completion_tokens: local.completion_tokens,
+            tokens: local
+                .generation
+                .as_ref()
+                .map(|g| g.tokens.clone())
+                .unwrap_or_default(),
+            prov: prov.clone(),
+        };
+        let first = decide_first(&inputs, &thresholds);
+        tracing::debug!(?first, confidence = local.confidence, "route decision");
+        debug_assert!(
+            !local.streamed || matches!(first, Route::Local | Route::LocalDegraded { .. }),
+            "streamed tokens of an answer that was not final"
+        );
+        let mut swarm_records: Vec<VoterRecord> = Vec::new();
+        let escalate_now = match first {
+            Route::Local => false,
+            Route::LocalDegraded { reason } => {
+                prov.degraded = true;
+                prov.degraded_reason = Some(reason.to_string());
+                false
+            }
+            Route::Escalate => true,
+            Route::Vote => {
+                let v = self.run_vote(query_id, &req, &task, &local).await;
+                metrics.vote_size.observe(v.valid as f64);
+                prov.route = "vote".into();
+                prov.vote_ms = Some(v.vote_ms);
+                prov.voters = v.voters.clone();
+                prov.agreement = Some(v.agreement);
+                prov.confidence = v.agreement;
+                swarm_records = v.records.clone();
+                if let Some(text) = &v.winner_text {
+                    answer.text = text.clone();
+                    answer.tokens.clear();
+                    if v.winner_model.as_deref() != Some(local.model.as_str()) {
+                        answer.finish_reason = "stop".into();
+                    }
+                }
+                let agreement = if v.quorum_met { v.agreement } else { 0.0 };
+                match decide_after_vote(agreement, &inputs, &thresholds) {
+                    AfterVote::Accept => false,
+                    AfterVote::Escalate => true,
+                    AfterVote::Degraded { reason } => {
+                        prov.degraded = true;
+                        prov.degraded_reason = Some(if v.quorum_met {
+                            reason.to_string()
+                        } else {
+                            format!(
+                                "vote quorum not met ({} of {} valid votes); {reason}",
+                                v.valid, routing.quorum
+                            )
+                        });
+                        false
+                    }
+                }
+            }
+        };
+        if escalate_now {
+            if swarm_records.is_empty() {
+                swarm_records.push(VoterRecord {
+                    peer: self.me().to_string(),
+                    model: local.model.clone(),
+                    answer: local.text.clone(),
+                    confidence: local.confidence,
+                    elapsed_ms: local.elapsed_ms as u32,
+                    error: None,
+                });
+            }
+            let outcome = match self.escalate(query_id, &req, &task, swarm_records).await {
+                Ok(r) => {
+                    prov.route = "cloud".into();
+                    prov.peer = r.gateway.clone();
+                    prov.gateway = Some(r.gateway);
+                    prov.cloud_ms = Some(r.cloud_ms as u64);
+                    prov.model = r.model.clone();
+                    prov.confidence = 1.0;
+                    answer.text = r.text;
+                    answer.model = r.model;
+                    answer.tokens.clear();
+                    answer.finish_reason = "stop".into();
+                    "ok"
+                }
+                Err(reason) => {
+                    prov.degraded = true;
+                    prov.degraded_reason = Some(reason);
+                    "failed"
+                }
+            };
+            metrics
+                .escalations
+                .get_or_create(&OutcomeLabel {
+                    outcome: outcome.into(),
+                })
+                .inc();
+        }
+        if prov.degraded {
+            metrics.degraded.inc();
+        }
+        prov.elapsed_ms = t0.elapsed().as_millis() as u64;
+        metrics.observe_query(&prov.route, prov.elapsed_ms as f64);
+        answer.prov = prov;
+        Ok(answer)
+    }
+}

@@ -1,0 +1,150 @@
+//! Serving peers: answering a coordinator's vote request, a whole query
+//! forwarded by a peer that lacks the model, and (on the gateway) an
+//! escalation. Each request runs in its own task, in a span that carries the
+//! requesting peer and the coordinator's query id.
+
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use swarm_protocol::{
+    clip_owned, ErrorCode, EscalateReply, EscalateRequest, QueryReply, QueryRequest, QueryResponse,
+    VoteReply, VoteRequest, VoteResponse,
+};
+use tracing::Instrument;
+
+use super::local::generate_request;
+use super::request::{wire_err, wire_from_inference, ChatParams};
+use super::Router;
+use crate::confidence;
+use crate::network::NetEvent;
+
+impl Router {
+    /// Serve one request from a peer in its own task; other events are ignored.
+    pub fn serve(&self, ev: NetEvent) {
+        let r = self.clone();
+        let node = self.p.name.clone();
+        match ev {
+            NetEvent::Vote { peer, req, channel } => {
+                let span = tracing::info_span!("vote", node = %node, query_id = req.id, %peer);
+                tokio::spawn(
+                    async move {
+                        let reply = r.serve_vote(peer, req).await;
+                        let _ = r.p.net.respond_vote(channel, reply).await;
+                    }
+                    .instrument(span),
+                );
+            }
+            NetEvent::Query { peer, req, channel } => {
+                let span = tracing::info_span!("forwarded", node = %node, query_id = req.id, %peer);
+                tokio::spawn(
+                    async move {
+                        let reply = r.serve_query(peer, req).await;
+                        let _ = r.p.net.respond_query(channel, reply).await;
+                    }
+                    .instrument(span),
+                );
+            }
+            NetEvent::Escalate { peer, req, channel } => {
+                let span = tracing::info_span!("escalation", node = %node, query_id = req.id, %peer);
+                tokio::spawn(
+                    async move {
+                        let reply = r.serve_escalate(peer, req).await;
+                        let _ = r.p.net.respond_escalate(channel, reply).await;
+                    }
+                    .instrument(span),
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// Voter side: answer a peer's vote request with the requested (or default) model.
+    pub async fn serve_vote(&self, peer: PeerId, req: VoteRequest) -> VoteReply {
+        let deadline = Instant::now() + Duration::from_millis(u64::from(req.deadline_ms));
+        let models = &self.p.models;
+        let model = req
+            .model
+            .as_ref()
+            .and_then(|m| models.get(m))
+            .or_else(|| models.default_handle());
+        let Some(model) = model else {
+            return VoteReply::Err(wire_err(ErrorCode::NoModel, "this node serves no model"));
+        };
+        tracing::debug!(%peer, "vote request");
+        let params = ChatParams::greedy(req.max_tokens.min(self.p.max_tokens_limit));
+        match self
+            .answer_locally(model, &req.messages, &req.task, &params, deadline, None)
+            .await
+        {
+            Ok(a) => VoteReply::Ok(VoteResponse {
+                id: req.id,
+                normalized: a.normalized.clone().unwrap_or_default(),
+                answer: clip_owned(a.text, swarm_protocol::MAX_ANSWER_BYTES),
+                confidence: a.confidence.clamp(0.0, 1.0),
+                model: a.model,
+                tokens: a.completion_tokens,
+                elapsed_ms: a.elapsed_ms.min(u64::from(u32::MAX)) as u32,
+            }),
+            Err(e) => VoteReply::Err(wire_from_inference(&e)),
+        }
+    }
+
+    /// Serve a whole query forwarded by a peer that lacks the model.
+    pub async fn serve_query(&self, peer: PeerId, req: QueryRequest) -> QueryReply {
+        let Some(model) = self.p.models.get(&req.model) else {
+            return QueryReply::Err(wire_err(
+                ErrorCode::NoModel,
+                format!("no model `{}` here", req.model),
+            ));
+        };
+        tracing::debug!(%peer, "forwarded query");
+        let t0 = Instant::now();
+        let deadline = Instant::now() + Duration::from_millis(u64::from(req.deadline_ms));
+        let params = ChatParams {
+            max_tokens: req.max_tokens.min(self.p.max_tokens_limit),
+            temperature: req.temperature,
+            top_p: 1.0,
+            seed: req.seed,
+            stop: req.stop.clone(),
+            top_logprobs: 0,
+        };
+        match model
+            .generate(generate_request(&req.messages, &params), Some(deadline))
+            .await
+        {
+            Ok(g) => {
+                self.p
+                    .models
+                    .record_speed(&req.model, g.completion_tokens, g.decode_ms);
+                let elapsed = t0.elapsed().as_millis() as u64;
+                self.p.metrics.observe_query("local", elapsed as f64);
+                QueryReply::Ok(QueryResponse {
+                    id: req.id,
+                    text: clip_owned(g.text.trim().to_string(), swarm_protocol::MAX_TEXT_BYTES),
+                    model: req.model.clone(),
+                    confidence: confidence::of_generation(&self.p.routing, &req.model, &g),
+                    mean_logprob: g.mean_logprob.clamp(-1.0e6, 0.0),
+                    min_prob: g.min_prob.clamp(0.0, 1.0),
+                    prompt_tokens: g.prompt_tokens as u32,
+                    completion_tokens: g.completion_tokens as u32,
+                    finish_reason: g.finish_reason.as_str().into(),
+                    elapsed_ms: elapsed.min(u64::from(u32::MAX)) as u32,
+                })
+            }
+            Err(e) => QueryReply::Err(wire_from_inference(&e)),
+        }
+    }
+
+    /// Gateway side: call the cloud for a peer's escalation.
+    pub async fn serve_escalate(&self, peer: PeerId, req: EscalateRequest) -> EscalateReply {
+        tracing::debug!(%peer, "escalation request");
+        let view = self.snapshot();
+        if view.gateway.as_ref().map(|g| g.peer.as_str()) != Some(self.me()) {
+            return EscalateReply::Err(wire_err(ErrorCode::Unauthorized, "this node is not the gateway"));
+        }
+        match self.p.gateway.call(&req).await {
+            Ok(r) => EscalateReply::Ok(r),
+            Err(e) => EscalateReply::Err(e),
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! One query path for streaming and non-streaming answers: a local answer whose
+//! route cannot change streams its tokens while the model is still generating;
+//! a streamed vote ends with the full `swarm` provenance. In-process nodes over
+//! libp2p's memory transport; the models are stand-ins (the routing, not the
+//! model, is under test), one of which holds its generation at a gate the test opens.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use swarm_node::config::NodeConfig;
+use swarm_node::inference::testing::FakeBackend;
+use swarm_node::inference::ChatMessage;
+use swarm_node::inference::{
+    Backend, ChoiceRequest, ChoiceResult, FinishReason, GenerateRequest, Generation, InferenceError,
+    ModelInfo, Scorer, TextScore, TokenLogprob,
+};
+use swarm_node::node::Node;
+use swarm_node::router::{ChatEvent, ChatParams, ChatRequest, SwarmExt};
+
+/// Generates "Hello", then waits for the test to open the gate, then " world".
+struct GatedBackend {
+    info: ModelInfo,
+    gate: Arc<Mutex<mpsc::Receiver<()>>>,
+}
+
+impl Backend for GatedBackend {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn generate(
+        &mut self,
+        _req: &GenerateRequest,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation, InferenceError> {
+        if !on_text("Hello") {
+            return Err(InferenceError::Cancelled);
+        }
+        // Bounded: a router that never streams makes the test fail, not hang.
+        let opened = self
+            .gate
+            .lock()
+            .map(|g| g.recv_timeout(Duration::from_secs(20)).is_ok())
+            .unwrap_or(false);
+        if !opened || !on_text(" world") {
+            return Err(InferenceError::Cancelled);
+        }
+        let lp = 0.5f32.ln();
+        let token = |t: &str| TokenLogprob {
+            id: 0,
+            text: t.to_string(),
+            logprob: lp,
+            top: Vec::new(),
+        };
+        Ok(Generation {
+            tokens: vec![token("Hello"), token(" world")],
+            text: "Hello world".into(),
+            prompt_tokens: 3,
+            completion_tokens: 2,
+            finish_reason: FinishReason::Stop,
+            mean_logprob: lp,
+            min_prob: 0.5,
+            confidence: 0.5,
+            prefill_ms: 1.0,
+            decode_ms: 1.0,
+            cached_tokens: 0,
+        })
+    }
+
+    fn choose(&mut self, _req: &ChoiceRequest) -> Result<ChoiceResult, InferenceError> {
+        Err(InferenceError::BadRequest("text only".into()))
+    }
+
+    fn score_text(&mut self, _text: &str) -> Result<TextScore, InferenceError> {
+        Err(InferenceError::BadRequest("text only".into()))
+    }
+}
+
+fn cfg(ns: &str, i: usize) -> NodeConfig {
+    let mut cfg = NodeConfig {
+        name: format!("s{i}"),
+        namespace: ns.to_string(),
+        advert_interval_ms: 200,
+        ..NodeConfig::default()
+    };
+    // No embedder download in this test: rules-only safety, exact free-text votes.
+    cfg.routing.embedder = String::new();
+    cfg.routing.quorum = 1;
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_stream_delivers_its_first_token_before_generation_ends() {
+    let (open, gate) = mpsc::channel();
+    let backend = GatedBackend {
+        info: ModelInfo {
+            id: "gated".into(),
+            arch: "fake".into(),
+            params: 0,
+            quant: "none".into(),
+            ctx: 4096,
+            domains: Vec::new(),
+            has_chat_template: true,
+            scorer: Scorer::Letter,
+            path: String::new(),
+        },
+        gate: Arc::new(Mutex::new(gate)),
+    };
+    let ns = format!("stream-local-{}", std::process::id());
+    let b: Box<dyn Backend> = Box::new(backend);
+    let nodes = Node::start_memory_swarm(vec![(cfg(&ns, 0), vec![b])], Duration::from_secs(20))
+        .await
+        .expect("node");
+    // A lone node (no peer, no gateway): the policy answers locally whatever the confidence.
+    let req = ChatRequest {
+        model: None,
+        messages: vec![ChatMessage::new("user", "Write a greeting for the team.")],
+        params: ChatParams::greedy(16),
+        ext: SwarmExt {
+            task: Some(swarm_protocol::Task::Free),
+            ..SwarmExt::default()
+        },
+        deadline: std::time::Instant::now() + Duration::from_secs(60),
+    };
+    let mut events = nodes[0].router.chat_stream(req);
+    let first = tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .expect("a first event while the model is held at the gate");
+    match first {
+        Some(Ok(ChatEvent::Token(t))) => assert_eq!(t, "Hello"),
+        other => panic!("expected the first token, got {other:?}"),
+    }
+    // The model is still generating: it waits for this.
+    assert_eq!(nodes[0].models.load(), 1, "generation still running");
+    open.send(()).expect("open the gate");
+    let mut text = String::from("Hello");
+    let mut done = None;
+    while let Some(ev) = events.next().await {
+        match ev.expect("event") {
+            ChatEvent::Token(t) => text.push_str(&t),
+            ChatEvent::Done(a) => done = Some(a),
+        }
+    }
+    let a = done.expect("a final answer");
+    assert_eq!(text, "Hello world");
+    assert_eq!(a.text, "Hello world");
+    assert_eq!(a.prov.route, "local");
+    assert!(a.prov.degraded, "no peers: the answer says why it stayed local");
+    assert_eq!(a.completion_tokens, 2);
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.trim().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_vote_ends_with_the_full_provenance() {
+    let ns = format!("stream-vote-{}", std::process::id());
+    let nodes: Vec<(NodeConfig, Vec<Box<dyn Backend>>)> = (0..3)
+        .map(|i| {
+            let b: Box<dyn Backend> = Box::new(FakeBackend::new(
+                &format!("fake-{i}"),
+                i as u64,
+                Duration::from_millis(5),
+                0.6,
+            ));
+            (cfg(&ns, i), vec![b])
+        })
+        .collect();
+    let nodes = Node::start_memory_swarm(nodes, Duration::from_secs(20))
+        .await
+        .expect("swarm");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = swarm_node::api::router(nodes[0].clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let body = json!({
+        "messages": [{"role": "user", "content": "Which of these is a mammal?"}],
+        "stream": true,
+        "swarm": {"route": "vote", "task": "mcq", "choices": ["shark", "dolphin", "trout", "eel"]},
+    });
+    let resp = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.expect("body");
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).expect("chunk json"))
+        .collect();
+    let last = chunks.last().expect("a last chunk");
+    let swarm = &last["swarm"];
+    assert_eq!(swarm["route"], "vote", "{last}");
+    assert_eq!(swarm["task"], "mcq");
+    assert_eq!(swarm["voters"].as_array().map(Vec::len), Some(3), "{swarm}");
+    for key in [
+        "agreement",
+        "vote_ms",
+        "confidence",
+        "local_confidence",
+        "elapsed_ms",
+        "peer",
+        "model",
+    ] {
+        assert!(!swarm[key].is_null(), "provenance lacks `{key}`: {swarm}");
+    }
+    for key in ["safety_flag", "forwarded", "degraded"] {
+        assert!(swarm[key].is_boolean(), "provenance lacks `{key}`: {swarm}");
+    }
+    assert_eq!(last["choices"][0]["finish_reason"], "stop");
+    // The decided answer is in the content deltas, and it is one of the options.
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(
+        ["A. shark", "B. dolphin", "C. trout", "D. eel"].contains(&content.as_str()),
+        "{content}"
+    );
+}
