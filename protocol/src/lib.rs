@@ -9,6 +9,7 @@ pub mod election;
 pub mod message;
 pub mod peers;
 pub mod policy;
+pub mod query;
 pub mod task;
 pub mod text;
 pub mod vote;

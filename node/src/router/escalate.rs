@@ -5,18 +5,11 @@
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
+use swarm_protocol::query::CloudAnswer;
 use swarm_protocol::{EscalateReply, EscalateRequest, Task, VoterRecord};
 
 use super::request::{remaining, wire_deadline, ChatRequest};
 use super::Router;
-
-/// Outcome of an escalation.
-pub(super) struct Escalated {
-    pub text: String,
-    pub model: String,
-    pub cloud_ms: u32,
-    pub gateway: String,
-}
 
 impl Router {
     /// Send the query and the swarm's answers to the gateway; `Err` says why the
@@ -27,7 +20,7 @@ impl Router {
         req: &ChatRequest,
         task: &Task,
         votes: Vec<VoterRecord>,
-    ) -> Result<Escalated, String> {
+    ) -> Result<CloudAnswer, String> {
         let mut tried: Vec<String> = Vec::new();
         let mut last = String::from("no gateway");
         for attempt in 0..2 {
@@ -73,7 +66,7 @@ impl Router {
             };
             match res {
                 Ok(r) => {
-                    return Ok(Escalated {
+                    return Ok(CloudAnswer {
                         text: r.text,
                         model: r.model,
                         cloud_ms: r.cloud_ms,

@@ -19,15 +19,16 @@ mod request;
 mod serve;
 mod vote;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures::stream::{Stream, StreamExt};
-use swarm_protocol::{
-    decide_after_vote, decide_first, local_is_final, AfterVote, Privacy, Route, RouteInputs, Thresholds,
-    VoterRecord,
+use swarm_protocol::query::{
+    live_voters, voter_candidates, AnswerIn, Coordinator, CoordinatorConfig, FinalRoute, InEvent, OutEvent,
 };
+use swarm_protocol::{local_is_final, RouteInputs, Task, Thresholds};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
@@ -216,15 +217,15 @@ impl Router {
         };
         let routing = &self.p.routing;
         let task = req.task();
-        let privacy: Privacy = req.ext.privacy.unwrap_or(routing.privacy);
         let (tau_local, tau_vote) = routing.thresholds(&handle.info().id);
         let thresholds = Thresholds { tau_local, tau_vote };
         let view = self.snapshot();
+        let adverts = || view.peers.iter().map(|p| &*p.advert);
         let mut inputs = RouteInputs {
             local_confidence: 0.0,
-            privacy,
+            privacy: req.ext.privacy.unwrap_or(routing.privacy),
             min_confidence: req.ext.min_confidence,
-            live_voters: view.peers.iter().filter(|p| !p.advert.models.is_empty()).count(),
+            live_voters: live_voters(adverts(), self.me()),
             safety_flag: false,
             route_override: req.ext.route,
             gateway_available: view.gateway.is_some(),
@@ -263,8 +264,93 @@ impl Router {
         if safety.flagged {
             metrics.safety_flags.inc();
         }
-        inputs.local_confidence = local.confidence;
         inputs.safety_flag = safety.flagged;
+        let cfg = CoordinatorConfig {
+            voters: routing.voters,
+            quorum: routing.quorum,
+            free_similarity: routing.free_similarity,
+            thresholds,
+        };
+        let candidates = voter_candidates(adverts(), self.me());
+        let mut coord = Coordinator::new(self.me(), task.clone(), cfg, inputs, candidates, query_id);
+        let mut voters = vec![VoterView {
+            peer: self.me().to_string(),
+            model: local.model.clone(),
+            answer: Some(local.text.clone()),
+            confidence: Some(local.confidence),
+            elapsed_ms: local.elapsed_ms,
+            inference_ms: Some(local.elapsed_ms),
+            error: None,
+        }];
+        let mut vote_ms = None;
+        let mut cloud_tried = false;
+        let mut pending: VecDeque<OutEvent> = coord
+            .handle(InEvent::Local(AnswerIn {
+                model: local.model.clone(),
+                text: local.text.clone(),
+                confidence: local.confidence,
+                elapsed_ms: local.elapsed_ms.min(u64::from(u32::MAX)) as u32,
+            }))
+            .into();
+        // Carry out what the coordinator asks for until it decides.
+        let decision = loop {
+            let Some(ev) = pending.pop_front() else {
+                return Err(RouteError::Internal(
+                    "the query coordinator stopped without a decision".into(),
+                ));
+            };
+            match ev {
+                OutEvent::Finished(d) => break d,
+                OutEvent::RequestVotes(picked) => {
+                    let t_vote = Instant::now();
+                    let (out, views) = self.run_vote(&mut coord, query_id, &req, &picked).await;
+                    vote_ms = Some(t_vote.elapsed().as_secs_f64() * 1e3);
+                    voters.extend(views);
+                    pending.extend(out);
+                }
+                OutEvent::Embed(texts) => {
+                    let vectors = match self.p.semantic.embedder().await {
+                        Some(e) => match e.embed(texts).await {
+                            Ok(v) => Some(v),
+                            Err(e) => {
+                                tracing::warn!("free-text vote: embedding failed, exact match used: {e}");
+                                None
+                            }
+                        },
+                        None => None,
+                    };
+                    pending.extend(coord.handle(InEvent::Embeddings(vectors)));
+                }
+                OutEvent::Escalate(records) => {
+                    cloud_tried = true;
+                    let r = self.escalate(query_id, &req, &task, records).await;
+                    pending.extend(coord.handle(InEvent::Escalated(r)));
+                }
+                OutEvent::Ignored { .. } => {}
+            }
+        };
+        tracing::debug!(
+            route = decision.route.as_str(),
+            confidence = local.confidence,
+            "route decided"
+        );
+        debug_assert!(
+            !local.streamed || decision.route == FinalRoute::Local,
+            "streamed tokens of an answer that was not final"
+        );
+        if cloud_tried {
+            let outcome = if decision.route == FinalRoute::Cloud {
+                "ok"
+            } else {
+                "failed"
+            };
+            metrics
+                .escalations
+                .get_or_create(&OutcomeLabel {
+                    outcome: outcome.into(),
+                })
+                .inc();
+        }
         let mut prov = Provenance::answered_by(self.me(), &local.model, local.confidence, &task);
         prov.safety_flag = safety.flagged;
         prov.safety_category = safety.category.clone();
@@ -281,95 +367,44 @@ impl Router {
                 .unwrap_or_default(),
             prov: prov.clone(),
         };
-        let first = decide_first(&inputs, &thresholds);
-        tracing::debug!(?first, confidence = local.confidence, "route decision");
-        debug_assert!(
-            !local.streamed || matches!(first, Route::Local | Route::LocalDegraded { .. }),
-            "streamed tokens of an answer that was not final"
-        );
-        let mut swarm_records: Vec<VoterRecord> = Vec::new();
-        let escalate_now = match first {
-            Route::Local => false,
-            Route::LocalDegraded { reason } => {
-                prov.degraded = true;
-                prov.degraded_reason = Some(reason.to_string());
-                false
-            }
-            Route::Escalate => true,
-            Route::Vote => {
-                let v = self.run_vote(query_id, &req, &task, &local).await;
-                metrics.vote_size.observe(v.valid as f64);
-                prov.route = "vote".into();
-                prov.vote_ms = Some(v.vote_ms);
-                prov.voters = v.voters.clone();
-                prov.agreement = Some(v.agreement);
-                prov.confidence = v.agreement;
-                swarm_records = v.records.clone();
-                if let Some(text) = &v.winner_text {
-                    answer.text = text.clone();
-                    answer.tokens.clear();
-                    if v.winner_model.as_deref() != Some(local.model.as_str()) {
-                        answer.finish_reason = "stop".into();
-                    }
-                }
-                let agreement = if v.quorum_met { v.agreement } else { 0.0 };
-                match decide_after_vote(agreement, &inputs, &thresholds) {
-                    AfterVote::Accept => false,
-                    AfterVote::Escalate => true,
-                    AfterVote::Degraded { reason } => {
-                        prov.degraded = true;
-                        prov.degraded_reason = Some(if v.quorum_met {
-                            reason.to_string()
-                        } else {
-                            format!(
-                                "vote quorum not met ({} of {} valid votes); {reason}",
-                                v.valid, routing.quorum
-                            )
-                        });
-                        false
-                    }
-                }
-            }
-        };
-        if escalate_now {
-            if swarm_records.is_empty() {
-                swarm_records.push(VoterRecord {
-                    peer: self.me().to_string(),
-                    model: local.model.clone(),
-                    answer: local.text.clone(),
-                    confidence: local.confidence,
-                    elapsed_ms: local.elapsed_ms as u32,
-                    error: None,
-                });
-            }
-            let outcome = match self.escalate(query_id, &req, &task, swarm_records).await {
-                Ok(r) => {
-                    prov.route = "cloud".into();
-                    prov.peer = r.gateway.clone();
-                    prov.gateway = Some(r.gateway);
-                    prov.cloud_ms = Some(r.cloud_ms as u64);
-                    prov.model = r.model.clone();
-                    prov.confidence = 1.0;
-                    answer.text = r.text;
-                    answer.model = r.model;
-                    answer.tokens.clear();
+        if let Some(v) = &decision.vote {
+            metrics.vote_size.observe(v.valid as f64);
+            prov.route = "vote".into();
+            prov.vote_ms = vote_ms;
+            prov.voters = voters;
+            prov.agreement = Some(v.agreement);
+            prov.confidence = v.agreement;
+            if let Some(w) = &decision.winner {
+                answer.text = match &task {
+                    Task::Mcq { choices } => choices
+                        .iter()
+                        .find(|c| c.label == w.key)
+                        .map(|c| format!("{}. {}", c.label, c.text))
+                        .unwrap_or_else(|| w.key.clone()),
+                    Task::Label { .. } => w.key.clone(),
+                    Task::Short | Task::Free => w.text.clone(),
+                };
+                answer.tokens.clear();
+                if w.model != local.model {
                     answer.finish_reason = "stop".into();
-                    "ok"
                 }
-                Err(reason) => {
-                    prov.degraded = true;
-                    prov.degraded_reason = Some(reason);
-                    "failed"
-                }
-            };
-            metrics
-                .escalations
-                .get_or_create(&OutcomeLabel {
-                    outcome: outcome.into(),
-                })
-                .inc();
+            }
         }
-        if prov.degraded {
+        if let Some(c) = decision.cloud {
+            prov.route = "cloud".into();
+            prov.peer = c.gateway.clone();
+            prov.gateway = Some(c.gateway);
+            prov.cloud_ms = Some(u64::from(c.cloud_ms));
+            prov.model = c.model.clone();
+            prov.confidence = 1.0;
+            answer.text = c.text;
+            answer.model = c.model;
+            answer.tokens.clear();
+            answer.finish_reason = "stop".into();
+        }
+        if let Some(reason) = decision.degraded {
+            prov.degraded = true;
+            prov.degraded_reason = Some(reason);
             metrics.degraded.inc();
         }
         prov.elapsed_ms = t0.elapsed().as_millis() as u64;
