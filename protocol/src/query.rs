@@ -116,7 +116,7 @@ pub enum OutEvent {
     /// A ballot that did not count: not asked, a second one, or late.
     Ignored { peer: String, reason: &'static str },
     /// The query is answered.
-    Finished(Decision),
+    Finished(Box<Decision>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -384,7 +384,7 @@ impl Coordinator {
 
     fn finish_local(&mut self, own: Option<Winner>, degraded: Option<String>, out: &mut Vec<OutEvent>) {
         self.phase = Phase::Done;
-        out.push(OutEvent::Finished(Decision {
+        out.push(OutEvent::Finished(Box::new(Decision {
             route: FinalRoute::Local,
             winner: own,
             confidence: self.inputs.local_confidence,
@@ -392,7 +392,7 @@ impl Coordinator {
             cloud: None,
             degraded,
             records: self.records.clone(),
-        }));
+        })));
     }
 
     fn model_of(&self, peer: &str) -> String {
@@ -566,7 +566,7 @@ impl Coordinator {
         out: &mut Vec<OutEvent>,
     ) {
         self.phase = Phase::Done;
-        out.push(OutEvent::Finished(Decision {
+        out.push(OutEvent::Finished(Box::new(Decision {
             route: FinalRoute::Vote,
             winner,
             confidence: summary.agreement,
@@ -574,7 +574,7 @@ impl Coordinator {
             cloud: None,
             degraded,
             records: self.records.clone(),
-        }));
+        })));
     }
 
     fn on_escalated(&mut self, r: Result<CloudAnswer, String>, out: &mut Vec<OutEvent>) {
@@ -610,7 +610,7 @@ impl Coordinator {
                 records: self.records.clone(),
             },
         };
-        out.push(OutEvent::Finished(d));
+        out.push(OutEvent::Finished(Box::new(d)));
     }
 }
 
@@ -678,7 +678,7 @@ mod tests {
 
     fn finished(out: &[OutEvent]) -> Option<&Decision> {
         out.iter().find_map(|e| match e {
-            OutEvent::Finished(d) => Some(d),
+            OutEvent::Finished(d) => Some(&**d),
             _ => None,
         })
     }

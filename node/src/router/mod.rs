@@ -300,7 +300,7 @@ impl Router {
                 ));
             };
             match ev {
-                OutEvent::Finished(d) => break d,
+                OutEvent::Finished(d) => break *d,
                 OutEvent::RequestVotes(picked) => {
                     let t_vote = Instant::now();
                     let (out, views) = self.run_vote(&mut coord, query_id, &req, &picked).await;
