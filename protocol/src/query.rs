@@ -253,6 +253,16 @@ impl Coordinator {
         &self.records
     }
 
+    /// Whether a vote was started (its summary, once tallied, is [`Coordinator::vote_summary`]).
+    pub fn voted(&self) -> bool {
+        self.tally.is_some()
+    }
+
+    /// How the vote went, once it is tallied.
+    pub fn vote_summary(&self) -> Option<&VoteSummary> {
+        self.vote.as_ref().map(|v| &v.1).filter(|_| self.voted())
+    }
+
     /// The voters asked, if a vote started.
     pub fn asked(&self) -> &[VoterCandidate] {
         &self.asked
@@ -528,6 +538,8 @@ impl Coordinator {
                 }
             }
         }
+        // Kept for `vote_summary` and for the answer if an escalation fails.
+        self.vote = Some((winner.clone(), summary.clone()));
         let agreement = if summary.quorum_met {
             summary.agreement
         } else {
@@ -551,7 +563,6 @@ impl Coordinator {
                 self.finish_vote(winner, summary, Some(d), out)
             }
             AfterVote::Escalate => {
-                self.vote = Some((winner, summary));
                 self.phase = Phase::Escalating;
                 out.push(OutEvent::Escalate(self.records.clone()));
             }
@@ -717,6 +728,7 @@ mod tests {
         assert_eq!(d.route, FinalRoute::Vote);
         let v = d.vote.expect("summary");
         assert!(v.early && v.quorum_met);
+        assert_eq!(c.vote_summary(), Some(&v), "the driver reads the same summary");
         assert_eq!(d.records.len(), 4, "own, two ballots, one skipped");
         let out = c.handle(InEvent::Ballot {
             peer: "p2".into(),

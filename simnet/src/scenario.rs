@@ -533,7 +533,7 @@ impl Scenario {
 
     pub fn validate(&self) -> Result<(), ScenarioError> {
         check(self.nodes >= 1, "nodes must be at least 1")?;
-        // Gossip bookkeeping is a slots × slots matrix (see sim.rs): bound the swarm.
+        // Gossip bookkeeping is a slots × slots matrix (see sim/): bound the swarm.
         check(self.nodes <= 4_000, "nodes must be at most 4000")?;
         check(
             self.virtual_s > 0.0 && self.virtual_s <= 86_400.0,

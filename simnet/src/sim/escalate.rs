@@ -2,6 +2,7 @@
 //! call, reply), the single retry through a new gateway, and the fallback to the swarm answer.
 
 use rand::Rng;
+use swarm_protocol::query::CloudAnswer;
 use swarm_protocol::{
     decode_msg, encode_msg, ChatMessage, DegradedReason, ErrorCode, EscalateReply, EscalateRequest,
     EscalateResponse, WireError, MAX_VOTERS,
@@ -17,8 +18,7 @@ impl Sim {
         let coord = q.coord;
         let gw = self.gateway_of(coord);
         let Some(gw) = gw else {
-            let right = self.best_answer_correct(id);
-            self.finish(id, "vote", right, Some(DegradedReason::NoGateway.as_str()));
+            self.escalated(id, Err(DegradedReason::NoGateway.as_str().into()), false);
             return;
         };
         let question = self.question(q).clone();
@@ -39,8 +39,7 @@ impl Sim {
             Ok(b) => b,
             Err(e) => {
                 self.violation(format!("query {id}: cannot encode escalation: {e}"));
-                let right = self.best_answer_correct(id);
-                self.finish(id, "vote", right, Some("escalation failed"));
+                self.escalated(id, Err("escalation failed".into()), false);
                 return;
             }
         };
@@ -218,7 +217,15 @@ impl Sim {
             return;
         }
         match decode_msg::<EscalateReply>(bytes) {
-            Ok(EscalateReply::Ok(r)) if r.id == id => self.finish(id, "cloud", correct, None),
+            Ok(EscalateReply::Ok(r)) if r.id == id => {
+                let answer = CloudAnswer {
+                    text: r.text,
+                    model: r.model,
+                    gateway: r.gateway,
+                    cloud_ms: r.cloud_ms,
+                };
+                self.escalated(id, Ok(answer), correct)
+            }
             Ok(_) => self.escalation_failed(id, attempt),
             Err(e) => {
                 self.violation(format!("query {id}: escalation reply does not decode: {e}"));
@@ -248,13 +255,6 @@ impl Sim {
         }
     }
 
-    fn best_answer_correct(&self, id: u64) -> bool {
-        self.queries.get(&id).is_some_and(|q| match &q.best {
-            Some(b) => b.1,
-            None => q.own.as_ref().is_some_and(|a| a.correct),
-        })
-    }
-
     /// An escalation errored or timed out: retry once through a *new* gateway (waiting, within
     /// the escalation deadline, for this node's view to change: re-dialling a dead gateway
     /// before its adverts expire would just fail again), then fall back to the best swarm answer.
@@ -274,8 +274,7 @@ impl Sim {
             self.retry_escalation(id);
         } else {
             self.m.esc.failed += 1;
-            let right = self.best_answer_correct(id);
-            self.finish(id, "vote", right, Some("gateway failed"));
+            self.escalated(id, Err("gateway failed".into()), false);
         }
     }
 }

@@ -19,7 +19,7 @@
 //! - `gossip`: mesh upkeep, adverts (build, publish, receive, forward) and the election;
 //! - `query`: query arrival, the local answer, the worker queue, the first route decision and
 //!   the final answer;
-//! - `vote`: the coordinator's side of a vote (voters, ballots, tally, decision after the vote);
+//! - `vote`: the coordinator's side of a query, driving `swarm_protocol::query::Coordinator`;
 //! - `voter`: the voter's side (request, inference, reply);
 //! - `escalate`: escalation to the gateway, the gateway's side, retry and fallback;
 //! - `check`: the invariant checker and the gateway view of each component;
@@ -43,8 +43,9 @@ use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use swarm_protocol::query::Coordinator;
 use swarm_protocol::{
-    Advert, Election, ElectionConfig, PeerTable, Privacy, RouteOverride, Thresholds, VoteTally, VoterRecord,
+    Advert, Election, ElectionConfig, PeerTable, Privacy, RouteOverride, Thresholds, VoterRecord,
 };
 
 use crate::models::{splitmix, Bank, CacheError, SimAnswer};
@@ -136,7 +137,6 @@ struct ReplyMsg {
     bytes: Vec<u8>,
     correct: bool,
     embedding: Vec<f32>,
-    model: String,
 }
 
 enum Ev {
@@ -232,17 +232,21 @@ struct Query {
     arrival: u64,
     phase: Phase,
     own: Option<SimAnswer>,
-    tally: Option<VoteTally>,
+    /// The query's coordinator (the protocol's state machine), once the local answer is in.
+    sm: Option<Coordinator>,
     voters: Vec<u32>,
-    /// Slots whose first ballot was recorded; an independent count to check the tally against.
+    /// Slots whose first ballot was fed; an independent count to check the coordinator against.
     ballot_keys: BTreeSet<u32>,
-    counted: usize,
-    free: Vec<(String, Vec<f32>, f32)>,
-    /// Ground truth per normalised (or, for free text, raw) answer seen in this vote.
+    /// Embeddings of the free-text answers seen, by text (what the coordinator asks to embed).
+    embeddings: BTreeMap<String, Vec<f32>>,
+    /// Ground truth per normalised answer seen in this query.
     truth: BTreeMap<String, bool>,
+    /// What went to the gateway, kept for the retry.
     records: Vec<VoterRecord>,
-    /// Best swarm answer so far (normalised) and whether it is right.
-    best: Option<(String, bool)>,
+    /// Ground truth of the cloud's answer, once it is in.
+    cloud_correct: bool,
+    /// The vote's statistics were recorded.
+    vote_counted: bool,
 }
 
 #[derive(Default)]

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use rand::Rng;
-use swarm_protocol::{decide_first, normalize, Privacy, Route, RouteInputs};
+use swarm_protocol::{Privacy, RouteInputs};
 
 use super::{us, Ev, Phase, Query, Sim};
 use crate::models::{Question, SimAnswer};
@@ -76,14 +76,14 @@ impl Sim {
                 arrival: self.now,
                 phase: Phase::Local,
                 own,
-                tally: None,
+                sm: None,
                 voters: Vec::new(),
                 ballot_keys: BTreeSet::new(),
-                counted: 0,
-                free: Vec::new(),
+                embeddings: BTreeMap::new(),
                 truth: BTreeMap::new(),
                 records: Vec::new(),
-                best: None,
+                cloud_correct: false,
+                vote_counted: false,
             },
         );
         self.push(done, Ev::LocalDone(id));
@@ -129,7 +129,7 @@ impl Sim {
             local_confidence,
             privacy: q.privacy,
             min_confidence: None,
-            live_voters: n.table.len().saturating_sub(1),
+            live_voters: self.live_voters_of(q.coord),
             safety_flag: q.safety,
             route_override: self.route_override,
             gateway_available: n.election.current().is_some(),
@@ -148,25 +148,8 @@ impl Sim {
             return;
         };
         self.dequeue(q.coord);
-        if !self.live_query(id) {
-            return;
-        }
-        let Some(q) = self.queries.get(&id) else {
-            return;
-        };
-        let question = self.question(q);
-        let own_norm = q.own.as_ref().and_then(|a| normalize(&question.task, &a.raw));
-        let conf = match (&q.own, &own_norm) {
-            (Some(a), Some(_)) => a.confidence,
-            _ => 0.0,
-        };
-        let inputs = self.inputs(q, conf);
-        let own_correct = q.own.as_ref().is_some_and(|a| a.correct);
-        match decide_first(&inputs, &self.thresholds) {
-            Route::Local => self.finish(id, "local", own_correct, None),
-            Route::LocalDegraded { reason } => self.finish(id, "local", own_correct, Some(reason.as_str())),
-            Route::Vote => self.start_vote(id, own_norm),
-            Route::Escalate => self.escalate(id, 0),
+        if self.live_query(id) {
+            self.start_coordinator(id);
         }
     }
 

@@ -1,11 +1,16 @@
-//! The coordinator's side of a vote: picking voters, sending requests, recording ballots (checked
-//! against an independent count), deadlines, and the decision after the vote.
+//! The coordinator's side of a query, driven through `swarm_protocol::query::Coordinator` (the
+//! state machine the node's router drives too): starting it after the local answer, carrying out
+//! what it asks (vote requests, embeddings, escalation), feeding it ballots and deadlines, and
+//! turning its decision into the query's outcome. Ballots are checked against an independent
+//! count; ground truth stays here, since the coordinator never sees it.
 
 use std::rc::Rc;
 
+use swarm_protocol::query::{
+    live_voters, voter_candidates, AnswerIn, Coordinator, CoordinatorConfig, InEvent, OutEvent,
+};
 use swarm_protocol::{
-    decide_after_vote, decode_msg, encode_msg, free_outcome, normalize, select_voters_spread, AfterVote,
-    ChatMessage, Task, VoteReply, VoteRequest, VoteTally, VoterCandidate, VoterRecord,
+    decode_msg, encode_msg, normalize, ChatMessage, VoteReply, VoteRequest, VoterCandidate,
 };
 
 use super::{us, Ev, Phase, ReplyMsg, Sim};
@@ -13,103 +18,195 @@ use crate::models::Question;
 use crate::scenario::Kind;
 
 impl Sim {
-    pub(super) fn start_vote(&mut self, id: u64, own_norm: Option<String>) {
+    /// Peers in the coordinator's table that could vote (they serve a model).
+    pub(super) fn live_voters_of(&self, coord: u32) -> usize {
+        let n = &self.nodes[coord as usize];
+        live_voters(
+            n.table.live().map(|e| e.advert.as_ref()),
+            &self.ids[coord as usize],
+        )
+    }
+
+    /// The local answer is in: start the query's coordinator and carry out its first decision.
+    pub(super) fn start_coordinator(&mut self, id: u64) {
         let Some(q) = self.queries.get(&id) else {
             return;
         };
         let coord = q.coord;
         let question = self.question(q).clone();
-        let n = &self.nodes[coord as usize];
-        let me = &self.ids[coord as usize];
-        let own_model = self.sc.models[n.model].id.clone();
-        let candidates: Vec<VoterCandidate> = n
-            .table
-            .live()
-            .filter(|e| e.advert.peer != *me)
-            .filter_map(|e| {
-                let m = e.advert.models.first()?;
-                let c = &e.advert.capacity;
-                Some(VoterCandidate {
-                    peer: e.advert.peer.clone(),
-                    model: m.id.clone(),
-                    load: c.queue as f32 / c.max_concurrency.max(1) as f32 + c.cpu_load,
-                })
-            })
+        let me = self.ids[coord as usize].clone();
+        let candidates: Vec<VoterCandidate> = voter_candidates(
+            self.nodes[coord as usize].table.live().map(|e| e.advert.as_ref()),
+            &me,
+        );
+        let inputs = self.inputs(q, 0.0);
+        let cfg = CoordinatorConfig {
+            voters: self.sc.queries.k,
+            quorum: self.sc.queries.quorum,
+            free_similarity: self.sc.queries.free_threshold,
+            thresholds: self.thresholds,
+        };
+        let mut sm = Coordinator::new(&me, question.task.clone(), cfg, inputs, candidates, id);
+        let own_model = self.sc.models[self.nodes[coord as usize].model].id.clone();
+        let own = q.own.clone();
+        let (text, confidence) = own
+            .as_ref()
+            .map_or((String::new(), 0.0), |a| (a.raw.clone(), a.confidence));
+        if let Some(a) = &own {
+            if let Some(norm) = normalize(&question.task, &a.raw) {
+                let truth = question_truth(&question, &norm, a.correct);
+                if let Some(q) = self.queries.get_mut(&id) {
+                    q.truth.insert(norm, truth);
+                    q.embeddings.insert(a.raw.clone(), a.embedding.clone());
+                }
+            }
+        }
+        let out = sm.handle(InEvent::Local(AnswerIn {
+            model: own_model,
+            text,
+            confidence,
+            elapsed_ms: 0,
+        }));
+        let Some(q) = self.queries.get_mut(&id) else {
+            return;
+        };
+        q.ballot_keys.insert(coord);
+        q.sm = Some(sm);
+        self.apply(id, out);
+    }
+
+    /// Feed the query's coordinator one event and carry out what it asks.
+    fn feed(&mut self, id: u64, ev: InEvent) {
+        let Some(out) = self
+            .queries
+            .get_mut(&id)
+            .and_then(|q| q.sm.as_mut())
+            .map(|sm| sm.handle(ev))
+        else {
+            return;
+        };
+        self.apply(id, out);
+    }
+
+    fn apply(&mut self, id: u64, out: Vec<OutEvent>) {
+        for ev in out {
+            match ev {
+                OutEvent::RequestVotes(picked) => self.send_votes(id, &picked),
+                OutEvent::Embed(texts) => {
+                    // The simulated answers carry their embeddings; the driver looks them up.
+                    let vectors = self.queries.get(&id).and_then(|q| {
+                        texts
+                            .iter()
+                            .map(|t| q.embeddings.get(t).cloned())
+                            .collect::<Option<Vec<_>>>()
+                    });
+                    self.feed(id, InEvent::Embeddings(vectors));
+                }
+                OutEvent::Escalate(records) => {
+                    self.count_vote(id);
+                    if let Some(q) = self.queries.get_mut(&id) {
+                        q.records = records;
+                    }
+                    self.escalate(id, 0);
+                }
+                OutEvent::Ignored { peer, reason } => match reason {
+                    "late" => self.m.vote.late_replies += 1,
+                    "duplicate" => self.m.vote.duplicates_ignored += 1,
+                    _ => self.violation(format!("query {id}: ballot from {peer} ignored: {reason}")),
+                },
+                OutEvent::Finished(d) => {
+                    self.count_vote(id);
+                    let right = match (&d.cloud, &d.winner) {
+                        (Some(_), _) => self.queries.get(&id).is_some_and(|q| q.cloud_correct),
+                        (None, Some(w)) => self
+                            .queries
+                            .get(&id)
+                            .is_some_and(|q| q.truth.get(&w.key).copied().unwrap_or(false)),
+                        (None, None) => false,
+                    };
+                    self.finish(id, d.route.as_str(), right, d.degraded.as_deref());
+                }
+            }
+        }
+    }
+
+    /// Once per query, when its vote is tallied: ballots, early stops and voter failures.
+    fn count_vote(&mut self, id: u64) {
+        let Some(q) = self.queries.get_mut(&id) else {
+            return;
+        };
+        if q.vote_counted {
+            return;
+        }
+        let Some(sm) = q.sm.as_ref() else {
+            return;
+        };
+        let Some(v) = sm.vote_summary().cloned() else {
+            return;
+        };
+        q.vote_counted = true;
+        let me = &self.ids[q.coord as usize];
+        let failures: Vec<String> = sm
+            .records()
+            .iter()
+            .filter(|r| &r.peer != me)
+            .filter_map(|r| r.error.clone())
+            .filter(|e| !e.starts_with("not needed"))
             .collect();
-        let picked = select_voters_spread(&candidates, &own_model, self.sc.queries.k, id);
+        let ballots = v.valid + v.failures;
+        let keys = q.ballot_keys.len();
+        self.m.vote.votes += 1;
+        self.m.vote.ballots += ballots as u64;
+        if v.early {
+            self.m.vote.early_stops += 1;
+        }
+        for reason in &failures {
+            self.m.vote.voter_failures += 1;
+            *self
+                .m
+                .vote
+                .failure_kinds
+                .entry(failure_kind(reason).to_owned())
+                .or_insert(0) += 1;
+        }
+        if ballots != keys {
+            self.violation(format!(
+                "query {id}: tally has {ballots} ballots, {keys} distinct voters"
+            ));
+        }
+    }
+
+    fn send_votes(&mut self, id: u64, picked: &[VoterCandidate]) {
+        let Some(q) = self.queries.get(&id) else {
+            return;
+        };
+        let coord = q.coord;
+        let question = self.question(q).clone();
         let voters: Vec<u32> = picked
             .iter()
             .filter_map(|c| self.id_index.get(&c.peer).copied())
             .collect();
-        let mut tally = VoteTally::new(
-            question.task.clone(),
-            self.sc.queries.quorum.min(voters.len() + 1),
-            voters.len() + 1,
-        );
-        self.m.vote.votes += 1;
-        let own = self.queries.get(&id).and_then(|q| q.own.clone());
-        let me = me.clone();
-        let Some(q) = self.queries.get_mut(&id) else {
-            return;
-        };
-        q.phase = Phase::Voting;
-        q.voters = voters.clone();
-        q.ballot_keys.insert(coord);
-        q.counted += 1;
-        let own_conf = own.as_ref().map_or(0.0, |a| a.confidence);
-        let own_raw = own.as_ref().map_or_else(String::new, |a| a.raw.clone());
-        let own_correct = own.as_ref().is_some_and(|a| a.correct);
-        let record = |answer: &str, error: Option<String>| VoterRecord {
-            peer: me.clone(),
-            model: own_model.clone(),
-            answer: answer.to_owned(),
-            confidence: own_conf.clamp(0.0, 1.0),
-            elapsed_ms: 0,
-            error,
-        };
-        match &own_norm {
-            Some(norm) => {
-                tally.add(&me, norm, own_conf);
-                q.truth
-                    .insert(norm.clone(), question_truth(&question, norm, own_correct));
-                if question.kind == Kind::Free {
-                    if let Some(a) = &own {
-                        q.free.push((norm.clone(), a.embedding.clone(), a.confidence));
-                    }
-                }
-                q.records.push(record(&own_raw, None));
-            }
-            None => {
-                tally.fail(&me, "unusable local answer");
-                q.records
-                    .push(record(&own_raw, Some("unusable local answer".into())));
-            }
-        }
-        q.tally = Some(tally);
-        if voters.is_empty() {
-            self.finish_vote(id);
-            return;
+        if let Some(q) = self.queries.get_mut(&id) {
+            q.phase = Phase::Voting;
+            q.voters = voters.clone();
         }
         let req = VoteRequest {
             id,
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: question.prompt.clone(),
-            }],
+            messages: vec![ChatMessage::new("user", &question.prompt)],
             task: question.task.clone(),
             max_tokens: self.sc.queries.tokens.get(question.kind).max(1),
             deadline_ms: self.sc.queries.vote_deadline_ms,
             model: None,
         };
+        let deadline = self.now + u64::from(self.sc.queries.vote_deadline_ms) * 1000;
         let bytes = match encode_msg(&req) {
             Ok(b) => Rc::new(b),
             Err(e) => {
                 self.violation(format!("query {id}: cannot encode vote request: {e}"));
-                self.finish_vote(id);
+                self.push(deadline, Ev::VoteDeadline(id));
                 return;
             }
         };
-        let deadline = self.now + u64::from(self.sc.queries.vote_deadline_ms) * 1000;
         for v in voters {
             if self.linked(coord, v) {
                 self.count_rpc(bytes.len());
@@ -138,91 +235,20 @@ impl Sim {
         self.push(deadline, Ev::VoteDeadline(id));
     }
 
-    /// Records one ballot, checking the tally against an independent count.
-    fn ballot(&mut self, id: u64, voter: u32, vote: Result<(String, f32, bool, Vec<f32>), String>) {
+    /// Feeds one ballot, checking the coordinator's acceptance against an independent count.
+    fn ballot(&mut self, id: u64, voter: u32, result: Result<AnswerIn, String>) {
         let peer = self.ids[voter as usize].clone();
-        let model = self.sc.models[self.nodes[voter as usize].model].id.clone();
-        let truth = match (&vote, self.queries.get(&id)) {
-            (Ok((norm, _, sampled, _)), Some(q)) => {
-                question_truth(&self.bank.questions[q.qi], norm, *sampled)
-            }
-            _ => false,
-        };
         let Some(q) = self.queries.get_mut(&id) else {
             return;
         };
-        let Some(tally) = q.tally.as_mut() else {
-            return;
-        };
-        let first = q.ballot_keys.insert(voter);
-        let counted = match &vote {
-            Ok((norm, conf, _, _)) => tally.add(&peer, norm, *conf),
-            Err(reason) => tally.fail(&peer, reason),
-        };
-        let mut problem = None;
-        if counted != first {
-            problem = Some(format!(
-                "query {id}: voter {voter} ballot counted={counted} but first={first}"
+        let awaited = q.sm.as_ref().is_some_and(|sm| sm.awaits(&peer));
+        let first = q.voters.contains(&voter) && q.ballot_keys.insert(voter);
+        if awaited != first {
+            self.violation(format!(
+                "query {id}: voter {voter} ballot awaited={awaited} but first={first}"
             ));
         }
-        if !counted {
-            self.m.vote.duplicates_ignored += 1;
-        } else {
-            q.counted += 1;
-            let kind_free = matches!(tally.task(), Task::Free);
-            match vote {
-                Ok((norm, conf, _, emb)) => {
-                    if kind_free {
-                        q.free.push((norm.clone(), emb, conf));
-                    }
-                    q.truth.entry(norm.clone()).or_insert(truth);
-                    q.records.push(VoterRecord {
-                        peer,
-                        model,
-                        answer: norm,
-                        confidence: conf.clamp(0.0, 1.0),
-                        elapsed_ms: 0,
-                        error: None,
-                    });
-                }
-                Err(reason) => {
-                    self.m.vote.voter_failures += 1;
-                    *self
-                        .m
-                        .vote
-                        .failure_kinds
-                        .entry(failure_kind(&reason).to_owned())
-                        .or_insert(0) += 1;
-                    q.records.push(VoterRecord {
-                        peer,
-                        model,
-                        answer: String::new(),
-                        confidence: 0.0,
-                        elapsed_ms: 0,
-                        error: Some(reason),
-                    });
-                }
-            }
-        }
-        if let Some(p) = problem {
-            self.violation(p);
-        }
-        let done = self
-            .queries
-            .get(&id)
-            .and_then(|q| q.tally.as_ref())
-            .is_some_and(|t| t.is_complete() || t.can_stop_early());
-        if done {
-            let early = self
-                .queries
-                .get(&id)
-                .and_then(|q| q.tally.as_ref())
-                .is_some_and(|t| !t.is_complete());
-            if early {
-                self.m.vote.early_stops += 1;
-            }
-            self.finish_vote(id);
-        }
+        self.feed(id, InEvent::Ballot { peer, result });
     }
 
     fn voting(&self, id: u64) -> bool {
@@ -234,18 +260,28 @@ impl Sim {
             self.m.vote.late_replies += 1;
             return;
         }
-        let Some(task) = self
-            .queries
-            .get(&id)
-            .map(|q| self.bank.questions[q.qi].task.clone())
-        else {
+        let Some(question) = self.queries.get(&id).map(|q| self.question(q).clone()) else {
             return;
         };
-        let vote = match decode_msg::<VoteReply>(&reply.bytes) {
-            Ok(VoteReply::Ok(r)) if r.id == id => match normalize(&task, &r.answer) {
-                Some(norm) => Ok((norm, r.confidence, reply.correct, reply.embedding.clone())),
-                None => Err(format!("unusable answer from {}", reply.model)),
-            },
+        let result = match decode_msg::<VoteReply>(&reply.bytes) {
+            Ok(VoteReply::Ok(r)) if r.id == id => {
+                // Ground truth of what the coordinator will normalise this answer to.
+                if let Some(norm) = normalize(&question.task, &r.answer) {
+                    let truth = question_truth(&question, &norm, reply.correct);
+                    if let Some(q) = self.queries.get_mut(&id) {
+                        q.truth.entry(norm).or_insert(truth);
+                        q.embeddings
+                            .entry(r.answer.clone())
+                            .or_insert_with(|| reply.embedding.clone());
+                    }
+                }
+                Ok(AnswerIn {
+                    model: r.model,
+                    text: r.answer,
+                    confidence: r.confidence,
+                    elapsed_ms: r.elapsed_ms,
+                })
+            }
             Ok(VoteReply::Ok(_)) => Err("reply for another query".into()),
             Ok(VoteReply::Err(e)) => Err(format!("{:?}: {}", e.code, e.message)),
             Err(e) => {
@@ -253,7 +289,7 @@ impl Sim {
                 Err(format!("undecodable reply: {e}"))
             }
         };
-        self.ballot(id, voter, vote);
+        self.ballot(id, voter, result);
     }
 
     pub(super) fn on_vote_fail(&mut self, id: u64, voter: u32, reason: &str) {
@@ -263,75 +299,32 @@ impl Sim {
     }
 
     pub(super) fn on_vote_deadline(&mut self, id: u64) {
-        if !self.voting(id) {
-            return;
-        }
-        let missing: Vec<u32> = self
-            .queries
-            .get(&id)
-            .map(|q| {
-                q.voters
+        if self.voting(id) {
+            // The voters not heard from fail now: they count as ballots too.
+            if let Some(q) = self.queries.get_mut(&id) {
+                let missing: Vec<u32> = q
+                    .voters
                     .iter()
                     .copied()
                     .filter(|v| !q.ballot_keys.contains(v))
-                    .collect()
-            })
-            .unwrap_or_default();
-        for v in missing {
-            if self.voting(id) {
-                self.ballot(id, v, Err("timeout".into()));
+                    .collect();
+                q.ballot_keys.extend(missing);
             }
-        }
-        if self.voting(id) {
-            self.finish_vote(id);
+            self.feed(id, InEvent::VoteDeadline);
         }
     }
 
-    fn finish_vote(&mut self, id: u64) {
-        let threshold = self.sc.queries.free_threshold;
-        let quorum = self.sc.queries.quorum;
-        let Some(q) = self.queries.get(&id) else {
-            return;
-        };
-        let Some(tally) = q.tally.as_ref() else {
-            return;
-        };
-        let tallied = tally.outcome();
-        let outcome = if matches!(tally.task(), Task::Free) {
-            let mut o = free_outcome(&q.free, threshold, quorum.min(q.voters.len() + 1));
-            o.failures = tallied.failures;
-            o
-        } else {
-            tallied.clone()
-        };
-        let ballots = tallied.votes + tallied.failures;
-        let mut problems = Vec::new();
-        if ballots != q.ballot_keys.len() || q.counted != q.ballot_keys.len() {
-            problems.push(format!(
-                "query {id}: tally has {ballots} ballots, {} counted, {} distinct voters",
-                q.counted,
-                q.ballot_keys.len()
-            ));
+    /// Escalation over: the cloud's answer (with its ground truth) or why there is none.
+    pub(super) fn escalated(
+        &mut self,
+        id: u64,
+        result: Result<swarm_protocol::query::CloudAnswer, String>,
+        correct: bool,
+    ) {
+        if let Some(q) = self.queries.get_mut(&id) {
+            q.cloud_correct = correct;
         }
-        self.m.vote.ballots += ballots as u64;
-        let best = outcome.winner.as_ref().map(|w| {
-            let right = q.truth.get(w).copied().unwrap_or(false);
-            (w.clone(), right)
-        });
-        let inputs = self.inputs(q, 0.0);
-        for p in problems {
-            self.violation(p);
-        }
-        let Some(q) = self.queries.get_mut(&id) else {
-            return;
-        };
-        q.best = best.clone();
-        let right = best.as_ref().is_some_and(|b| b.1);
-        match decide_after_vote(outcome.agreement, &inputs, &self.thresholds) {
-            AfterVote::Accept => self.finish(id, "vote", right, None),
-            AfterVote::Degraded { reason } => self.finish(id, "vote", right, Some(reason.as_str())),
-            AfterVote::Escalate => self.escalate(id, 0),
-        }
+        self.feed(id, InEvent::Escalated(result));
     }
 }
 

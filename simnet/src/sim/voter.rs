@@ -87,12 +87,10 @@ impl Sim {
             }
         };
         self.count_rpc(bytes.len());
-        let model = self.sc.models[self.nodes[voter as usize].model].id.clone();
         let msg = Rc::new(ReplyMsg {
             bytes,
             correct,
             embedding,
-            model,
         });
         let at = self.now + self.rpc_latency_us(voter, coord);
         self.push(
