@@ -1,11 +1,10 @@
 //! Confidence of one answer: the raw signals a scored choice or a generation
 //! offers ([`Signal`]), and their Platt calibration per model as configured in
-//! `[routing.models]` (fitted by `slm-swarm calibrate`). Every calibrated
-//! confidence the node reports or votes with comes from here.
+//! `[routing.models]` (fitted by `slm-swarm calibrate`; the config picks the
+//! fit per model). Every calibrated confidence the node reports or votes with comes from here.
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::RoutingConfig;
 use crate::inference::{ChoiceResult, Generation};
 
 /// A raw confidence score of one answer.
@@ -70,12 +69,14 @@ pub fn generation_signal(g: &Generation, s: Signal) -> Option<f32> {
     }
 }
 
-/// Calibrated confidence of `model`'s scored choice.
-pub fn of_choice(routing: &RoutingConfig, model: &str, r: &ChoiceResult) -> f32 {
-    routing.calibrate(model, |s| choice_signal(r, s))
-}
-
-/// Calibrated confidence of `model`'s generation.
-pub fn of_generation(routing: &RoutingConfig, model: &str, g: &Generation) -> f32 {
-    routing.calibrate(model, |s| generation_signal(g, s))
+/// Calibrated confidence of an answer: Platt over `signal`, read with `score`
+/// (which returns None where the answer lacks it). Without Platt parameters, or
+/// when the signal is missing (no margin on generated text), the raw
+/// `confidence` stands, clamped to 0..=1: a Platt fit of one signal means
+/// nothing applied to another.
+pub fn calibrated(signal: Signal, fit: Option<[f32; 2]>, score: impl Fn(Signal) -> Option<f32>) -> f32 {
+    match (fit, score(signal)) {
+        (Some(ab), Some(x)) if x.is_finite() => platt(ab, x),
+        _ => score(Signal::Confidence).unwrap_or(0.0).clamp(0.0, 1.0),
+    }
 }

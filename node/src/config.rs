@@ -167,19 +167,15 @@ impl RoutingConfig {
         )
     }
 
-    /// Calibrated confidence of an answer: Platt over the model's configured signal,
-    /// read with `score` (which returns None where the answer lacks it). Without Platt
-    /// parameters, or when the signal is missing (no margin on generated text), the
-    /// raw `confidence` stands, clamped to 0..=1: a Platt fit of one signal means
-    /// nothing applied to another.
+    /// Calibrated confidence of `model`'s answer (see [`crate::confidence::calibrated`]),
+    /// with the signal and Platt fit configured for it.
     pub fn calibrate(&self, model: &str, score: impl Fn(Signal) -> Option<f32>) -> f32 {
         let m = self.models.get(model);
-        let signal = m.and_then(|m| m.signal).unwrap_or_default();
-        let fallback = || score(Signal::Confidence).unwrap_or(0.0).clamp(0.0, 1.0);
-        match (m.and_then(|m| m.platt), score(signal)) {
-            (Some(ab), Some(x)) if x.is_finite() => crate::confidence::platt(ab, x),
-            _ => fallback(),
-        }
+        crate::confidence::calibrated(
+            m.and_then(|m| m.signal).unwrap_or_default(),
+            m.and_then(|m| m.platt),
+            score,
+        )
     }
 }
 

@@ -7,11 +7,10 @@
 use std::path::{Path, PathBuf};
 
 use swarm_node::config::NodeConfig;
-use swarm_node::inference::embedder::{cosine, Embedder, DEFAULT_EMBEDDER};
+use swarm_node::inference::embedder::{cosine, EmbedError, Embedder, DEFAULT_EMBEDDER};
 use swarm_node::models::{self, Catalog, PullOptions};
-use swarm_node::router::free_vote_by_meaning;
 use swarm_node::safety::{Labelled, SafetyClassifier};
-use swarm_protocol::free_vote;
+use swarm_protocol::{free_vote, FreeVote};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -232,4 +231,21 @@ fn exemplar_embeddings_are_cached_on_disk_and_read_back() {
     let near2 = second[0].nearest.clone().expect("nearest");
     assert_eq!(near2.unsafe_similarity, 0.0, "cache was not read: {near2:?}");
     std::fs::remove_file(&new[0]).expect("clean up");
+}
+
+/// Embed `(text, confidence, model)` answers (off the runtime) and [`free_vote`] them,
+/// as the node does with the texts its query coordinator asks it to embed.
+async fn free_vote_by_meaning(
+    embedder: &Embedder,
+    answers: &[(String, f32, String)],
+    threshold: f32,
+) -> Result<FreeVote, EmbedError> {
+    let texts: Vec<String> = answers.iter().map(|a| a.0.clone()).collect();
+    let vectors = embedder.embed(texts).await?;
+    let items: Vec<(String, Vec<f32>, f32)> = answers
+        .iter()
+        .zip(vectors)
+        .map(|((t, c, _), v)| (t.clone(), v, *c))
+        .collect();
+    free_vote(&items, threshold).ok_or_else(|| EmbedError::Compute("no answers to cluster".into()))
 }

@@ -89,7 +89,7 @@ impl Router {
                 return Ok(LocalAnswer {
                     normalized: normalize(task, &text),
                     raw_confidence: g.confidence,
-                    confidence: confidence::of_generation(routing, &info.id, &g),
+                    confidence: routing.calibrate(&info.id, |s| confidence::generation_signal(&g, s)),
                     model: info.id.clone(),
                     prompt_tokens: g.prompt_tokens as u32,
                     completion_tokens: g.completion_tokens as u32,
@@ -123,7 +123,7 @@ impl Router {
             text,
             normalized: Some(r.label.clone()),
             raw_confidence: r.confidence,
-            confidence: confidence::of_choice(routing, &info.id, &r),
+            confidence: routing.calibrate(&info.id, |s| confidence::choice_signal(&r, s)),
             model: info.id.clone(),
             generation: None,
             prompt_tokens: r.prompt_tokens as u32,

@@ -36,7 +36,6 @@ pub use local::{generate_request, LocalAnswer};
 pub use request::{
     task_of, Answer, ChatEvent, ChatParams, ChatRequest, Provenance, RouteError, SwarmExt, VoterView,
 };
-pub use vote::free_vote_by_meaning;
 
 use crate::config::RoutingConfig;
 use crate::gateway::Gateway;

@@ -122,7 +122,10 @@ impl Router {
                     id: req.id,
                     text: clip_owned(g.text.trim().to_string(), swarm_protocol::MAX_TEXT_BYTES),
                     model: req.model.clone(),
-                    confidence: confidence::of_generation(&self.p.routing, &req.model, &g),
+                    confidence: self
+                        .p
+                        .routing
+                        .calibrate(&req.model, |s| confidence::generation_signal(&g, s)),
                     mean_logprob: g.mean_logprob.clamp(-1.0e6, 0.0),
                     min_prob: g.min_prob.clamp(0.0, 1.0),
                     prompt_tokens: g.prompt_tokens as u32,

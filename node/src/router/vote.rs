@@ -9,11 +9,10 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesUnordered, StreamExt};
 use libp2p::PeerId;
 use swarm_protocol::query::{AnswerIn, Coordinator, InEvent, OutEvent};
-use swarm_protocol::{free_vote, FreeVote, VoteReply, VoteRequest, VoterCandidate};
+use swarm_protocol::{VoteReply, VoteRequest, VoterCandidate};
 
 use super::request::{remaining, wire_deadline, ChatRequest, VoterView};
 use super::Router;
-use crate::inference::embedder::{EmbedError, Embedder};
 
 impl Router {
     /// Ask `picked`, feeding `coord` until it decides; returns its events from
@@ -134,20 +133,4 @@ fn coord_error(coord: &Coordinator, peer: &str) -> Option<String> {
         .iter()
         .find(|r| r.peer == peer)
         .and_then(|r| r.error.clone())
-}
-
-/// Embed `(text, confidence, model)` answers (off the runtime) and [`free_vote`] them.
-pub async fn free_vote_by_meaning(
-    embedder: &Embedder,
-    answers: &[(String, f32, String)],
-    threshold: f32,
-) -> Result<FreeVote, EmbedError> {
-    let texts: Vec<String> = answers.iter().map(|a| a.0.clone()).collect();
-    let vectors = embedder.embed(texts).await?;
-    let items: Vec<(String, Vec<f32>, f32)> = answers
-        .iter()
-        .zip(vectors)
-        .map(|((t, c, _), v)| (t.clone(), v, *c))
-        .collect();
-    free_vote(&items, threshold).ok_or_else(|| EmbedError::Compute("no answers to cluster".into()))
 }

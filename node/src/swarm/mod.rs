@@ -57,7 +57,7 @@ impl SwarmView {
     }
 }
 
-/// Queue per worker slot: lower is less loaded.
+/// A peer's load as every choice of peer reads it (the protocol's one rule): lower is less loaded.
 pub fn load_of(c: &Capacity) -> f32 {
-    c.queue as f32 / c.max_concurrency.max(1) as f32
+    swarm_protocol::query::voter_load(c)
 }
