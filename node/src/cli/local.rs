@@ -16,13 +16,12 @@ use swarm_node::inference::{
 };
 
 use super::models::ensure;
-use super::ModelArgs;
+use super::{LocalModelArgs, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Catalog id or path to a GGUF file.
-    #[arg(long, short)]
-    pub model: String,
+    #[command(flatten)]
+    pub local: LocalModelArgs,
     /// System message put before the prompt.
     #[arg(long)]
     pub system: Option<String>,
@@ -47,20 +46,14 @@ pub struct GenerateArgs {
     /// Print JSON with the text, confidence signals, token log-probs and timings.
     #[arg(long)]
     pub json: bool,
-    /// Compute threads (default: physical cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    #[command(flatten)]
-    pub common: ModelArgs,
     /// The prompt.
     pub prompt: String,
 }
 
 #[derive(Args, Debug)]
 pub struct AnswerArgs {
-    /// Catalog id or path to a GGUF file.
-    #[arg(long, short)]
-    pub model: String,
+    #[command(flatten)]
+    pub local: LocalModelArgs,
     /// Task kind; default: mcq with --choices, label with --labels.
     #[arg(long, value_parser = ["mcq", "label"])]
     pub task: Option<String>,
@@ -86,11 +79,6 @@ pub struct AnswerArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
-    /// Compute threads (default: physical cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    #[command(flatten)]
-    pub common: ModelArgs,
     /// The question (without its options).
     #[arg(required_unless_present = "file")]
     pub question: Option<String>,
@@ -98,27 +86,20 @@ pub struct AnswerArgs {
 
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
-    /// Catalog id or path to a GGUF file.
-    #[arg(long, short)]
-    pub model: String,
+    #[command(flatten)]
+    pub local: LocalModelArgs,
     /// Text file to score (UTF-8), used verbatim.
     #[arg(long)]
     pub file: PathBuf,
     /// Print JSON: token_ids, mean_nll, n_tokens, per-token nll.
     #[arg(long)]
     pub json: bool,
-    /// Compute threads (default: physical cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    #[command(flatten)]
-    pub common: ModelArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Catalog id or path to a GGUF file.
-    #[arg(long, short)]
-    pub model: String,
+    #[command(flatten)]
+    pub local: LocalModelArgs,
     /// Prompt length in tokens (prefill).
     #[arg(long, default_value_t = 32)]
     pub prompt_tokens: usize,
@@ -128,14 +109,9 @@ pub struct BenchArgs {
     /// Timed runs after one warm-up run; the median is reported.
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
-    /// Compute threads (default: physical cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
     /// Print JSON: model, threads, prefill_tok_s, decode_tok_s, and the runs.
     #[arg(long)]
     pub json: bool,
-    #[command(flatten)]
-    pub common: ModelArgs,
 }
 
 pub(super) fn load(common: &ModelArgs, spec: &str) -> anyhow::Result<CandleBackend> {
@@ -165,7 +141,7 @@ pub(super) fn load(common: &ModelArgs, spec: &str) -> anyhow::Result<CandleBacke
 }
 
 pub fn generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
-    let mut be = load(&a.common, &a.model)?;
+    let mut be = load(&a.local.common, &a.local.model)?;
     let prompt = if a.raw {
         Prompt::Raw(a.prompt.clone())
     } else {
@@ -227,7 +203,7 @@ fn parse_choices(raw: &[String]) -> anyhow::Result<Vec<(String, String)>> {
 }
 
 pub fn answer(a: AnswerArgs) -> anyhow::Result<ExitCode> {
-    let mut be = load(&a.common, &a.model)?;
+    let mut be = load(&a.local.common, &a.local.model)?;
     let scorer = a.scorer.unwrap_or(be.info().scorer);
     if let Some(file) = &a.file {
         return answer_file(&mut be, scorer, &a, file);
@@ -371,7 +347,7 @@ fn answer_file(
 
 pub fn score(a: ScoreArgs) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
-    let mut be = load(&a.common, &a.model)?;
+    let mut be = load(&a.local.common, &a.local.model)?;
     let s = be.score_text(&text)?;
     if a.json {
         let out = json!({
@@ -413,7 +389,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
     if a.prompt_tokens == 0 || a.runs == 0 {
         bail!("--prompt-tokens and --runs must be at least 1");
     }
-    let mut be = load(&a.common, &a.model)?;
+    let mut be = load(&a.local.common, &a.local.model)?;
     let threads = candle_threads();
     be.bench_run(a.prompt_tokens, a.gen_tokens.min(8))?; // warm-up
     let mut prefill = Vec::new();

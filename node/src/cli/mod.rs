@@ -90,16 +90,48 @@ pub struct ModelArgs {
     pub catalog: Option<PathBuf>,
 }
 
+/// Options shared by the commands that run one local model directly
+/// (`generate`, `answer`, `score`, `bench`).
+#[derive(Args, Debug, Clone)]
+pub struct LocalModelArgs {
+    /// Catalog id or path to a GGUF file.
+    #[arg(long, short)]
+    pub model: String,
+    /// Compute threads (default: physical cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub common: ModelArgs,
+}
+
+/// Options shared by the commands that serve models over HTTP (`start`, `serve`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServingArgs {
+    /// Compute threads for inference (default: physical cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub common: ModelArgs,
+}
+
+/// The running node that a client command (`query`, `peers`) talks to.
+#[derive(Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// Node to ask.
+    #[arg(long, env = "SLM_SWARM_NODE", default_value = "http://127.0.0.1:8080")]
+    pub node: String,
+}
+
 impl Cli {
     /// The compute thread count requested by the command, if any.
     pub fn threads(&self) -> Option<usize> {
         match &self.cmd {
-            Command::Generate(a) => a.threads,
-            Command::Answer(a) => a.threads,
-            Command::Score(a) => a.threads,
-            Command::Bench(a) => a.threads,
-            Command::Start(a) => a.threads,
-            Command::Serve(a) => a.threads,
+            Command::Generate(a) => a.local.threads,
+            Command::Answer(a) => a.local.threads,
+            Command::Score(a) => a.local.threads,
+            Command::Bench(a) => a.local.threads,
+            Command::Start(a) => a.serving.threads,
+            Command::Serve(a) => a.serving.threads,
             Command::BenchVote(a) => a.threads,
             Command::Eval(a) => a.threads,
             // Each child gets its own --threads; the demo itself computes nothing.

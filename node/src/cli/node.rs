@@ -16,7 +16,7 @@ use swarm_node::network::TransportKind;
 use swarm_node::node::{load_identity, Node, NodeOptions};
 
 use super::models::ensure;
-use super::ModelArgs;
+use super::{ModelArgs, NodeArgs, ServingArgs};
 
 #[derive(Args, Debug, Default)]
 pub struct StartArgs {
@@ -66,11 +66,8 @@ pub struct StartArgs {
     /// Environment variable holding the cloud API key.
     #[arg(long)]
     pub cloud_key_env: Option<String>,
-    /// Compute threads for inference (default: physical cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
     #[command(flatten)]
-    pub common: ModelArgs,
+    pub serving: ServingArgs,
 }
 
 impl StartArgs {
@@ -210,7 +207,7 @@ pub async fn serve_http(node: Node, listener: tokio::net::TcpListener) -> anyhow
 
 pub fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
     let cfg = a.config()?;
-    let backends = load_backends(&a.common, &cfg.models)?;
+    let backends = load_backends(&a.serving.common, &cfg.models)?;
     let home = models::home_dir();
     let id_path = cfg.identity_path(&home);
     let (key, lock) = load_identity(&id_path)?;
@@ -270,9 +267,8 @@ pub fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
 
 #[derive(Args, Debug)]
 pub struct QueryArgs {
-    /// Node to ask.
-    #[arg(long, env = "SLM_SWARM_NODE", default_value = "http://127.0.0.1:8080")]
-    pub node: String,
+    #[command(flatten)]
+    pub target: NodeArgs,
     /// Model (default: the node's default model).
     #[arg(long, short)]
     pub model: Option<String>,
@@ -332,11 +328,11 @@ pub fn query(a: QueryArgs) -> anyhow::Result<ExitCode> {
             body["max_tokens"] = json!(n);
         }
         let resp = client()?
-            .post(endpoint(&a.node, "/v1/chat/completions"))
+            .post(endpoint(&a.target.node, "/v1/chat/completions"))
             .json(&body)
             .send()
             .await
-            .with_context(|| format!("cannot reach the node at {}", a.node))?;
+            .with_context(|| format!("cannot reach the node at {}", a.target.node))?;
         let v = check(resp).await?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&v)?);
@@ -381,9 +377,8 @@ pub fn query(a: QueryArgs) -> anyhow::Result<ExitCode> {
 
 #[derive(Args, Debug)]
 pub struct PeersArgs {
-    /// Node to ask.
-    #[arg(long, env = "SLM_SWARM_NODE", default_value = "http://127.0.0.1:8080")]
-    pub node: String,
+    #[command(flatten)]
+    pub target: NodeArgs,
     /// Print JSON (`GET /v1/swarm/peers`).
     #[arg(long)]
     pub json: bool,
@@ -395,10 +390,10 @@ pub fn peers(a: PeersArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     rt.block_on(async {
         let resp = client()?
-            .get(endpoint(&a.node, "/v1/swarm/peers"))
+            .get(endpoint(&a.target.node, "/v1/swarm/peers"))
             .send()
             .await
-            .with_context(|| format!("cannot reach the node at {}", a.node))?;
+            .with_context(|| format!("cannot reach the node at {}", a.target.node))?;
         let v = check(resp).await?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&v)?);

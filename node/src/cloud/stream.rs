@@ -1,0 +1,126 @@
+//! `CloudClient::chat_stream`: a streamed chat completion read as server-sent
+//! events, with a deadline between chunks and a bound on the whole answer.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use reqwest::header::CONTENT_TYPE;
+use tracing::debug;
+
+use super::client::{check_request, elapsed_ms};
+use super::sse::{decode_event, SseParser, StreamEvent};
+use super::{CloudClient, CloudError, CloudRequest, CloudStream};
+
+/// Largest streamed answer accepted, all chunks together.
+const MAX_STREAM_BYTES: usize = 16 << 20;
+
+impl CloudClient {
+    /// A streamed chat completion. Returns once the endpoint has accepted the
+    /// request (within `timeout_ms`); the stream then fails with `Timeout` if
+    /// the endpoint stays silent for `timeout_ms` between two chunks. A server
+    /// that ignores `stream: true` and answers plain JSON is handled too (one item).
+    pub async fn chat_stream(&self, req: CloudRequest) -> Result<CloudStream, CloudError> {
+        let inner = Arc::clone(&self.inner);
+        check_request(&req)?;
+        inner.take_budget()?;
+        let started = Instant::now();
+        let opened = match tokio::time::timeout(inner.timeout, inner.open_stream(&req)).await {
+            Ok(r) => r,
+            Err(_) => Err(inner.timeout_error()),
+        };
+        let resp = match opened {
+            Ok(r) => r,
+            Err(e) => return Err(inner.failed(e, elapsed_ms(started))),
+        };
+        inner.mark_reachable(true);
+        let is_json = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/json"));
+        let stream = async_stream::stream! {
+            if is_json {
+                let answer = match tokio::time::timeout(inner.timeout, inner.read_answer(resp)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(inner.timeout_error()),
+                };
+                match answer {
+                    Ok(a) => yield Ok(a.text),
+                    Err(e) => yield Err(inner.failed(e, elapsed_ms(started))),
+                }
+                return;
+            }
+            let mut body = resp.bytes_stream();
+            let mut parser = SseParser::new();
+            let mut total = 0usize;
+            let mut pieces = 0u32;
+            let mut finished = false;
+            loop {
+                let next = match tokio::time::timeout(inner.timeout, body.next()).await {
+                    Ok(n) => n,
+                    Err(_) => {
+                        yield Err(inner.failed(inner.timeout_error(), elapsed_ms(started)));
+                        return;
+                    }
+                };
+                let (events, at_end) = match next {
+                    Some(Ok(bytes)) => {
+                        total += bytes.len();
+                        if total > MAX_STREAM_BYTES {
+                            let e = CloudError::BadResponse(format!(
+                                "streamed answer exceeds {MAX_STREAM_BYTES} bytes"
+                            ));
+                            yield Err(inner.failed(e, elapsed_ms(started)));
+                            return;
+                        }
+                        (parser.push(&bytes), false)
+                    }
+                    Some(Err(e)) => {
+                        yield Err(inner.failed(inner.net_error(&e), elapsed_ms(started)));
+                        return;
+                    }
+                    None => (parser.finish(), true),
+                };
+                let events = match events {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        yield Err(inner.failed(e, elapsed_ms(started)));
+                        return;
+                    }
+                };
+                for data in events {
+                    match decode_event(&data) {
+                        Ok(StreamEvent::Done) => {
+                            debug!(latency_ms = elapsed_ms(started), pieces, "cloud stream done");
+                            return;
+                        }
+                        Ok(StreamEvent::Delta { text, finished: f }) => {
+                            finished |= f;
+                            if let Some(t) = text {
+                                pieces += 1;
+                                yield Ok(t);
+                            }
+                        }
+                        Err(e) => {
+                            yield Err(inner.failed(e, elapsed_ms(started)));
+                            return;
+                        }
+                    }
+                }
+                if at_end {
+                    // No [DONE]: complete only if a finish_reason came; otherwise
+                    // the answer was cut off and must not pass as whole.
+                    if !finished {
+                        let e = CloudError::BadResponse(
+                            "stream ended before [DONE] (answer cut off)".to_string(),
+                        );
+                        yield Err(inner.failed(e, elapsed_ms(started)));
+                    }
+                    return;
+                }
+            }
+        };
+        Ok(Box::pin(stream))
+    }
+}
