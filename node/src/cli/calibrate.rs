@@ -17,7 +17,7 @@ use swarm_node::eval::calibrate::{
 };
 
 #[derive(Args, Debug)]
-pub struct CalibrateArgs {
+pub(crate) struct CalibrateArgs {
     /// A swarm model's answer cache (`eval` cache or `answer --out` lines); repeat per model.
     #[arg(long = "cache", required = true)]
     pub caches: Vec<PathBuf>,
@@ -62,7 +62,7 @@ struct SignalFit {
     log_loss_test: f64,
 }
 
-pub fn calibrate(a: CalibrateArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn calibrate(a: CalibrateArgs) -> anyhow::Result<ExitCode> {
     let forced = match a.signal.as_str() {
         "auto" => None,
         s => Some(Signal::parse(s).with_context(|| {

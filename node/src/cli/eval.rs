@@ -20,7 +20,7 @@ use swarm_node::inference::{Backend, ChatMessage, Scorer};
 use super::ModelArgs;
 
 #[derive(Args, Debug)]
-pub struct EvalArgs {
+pub(crate) struct EvalArgs {
     /// Questions: a JSONL file in the data/eval schema.
     #[arg(long)]
     pub file: PathBuf,
@@ -204,7 +204,7 @@ fn node_answer(ep: &Endpoint, url: &str, q: &Question, dataset: &str) -> anyhow:
     })
 }
 
-pub fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
     let all = dataset::load(&a.file)?;
     let dataset = a
         .file

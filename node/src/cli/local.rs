@@ -19,7 +19,7 @@ use super::models::ensure;
 use super::{LocalModelArgs, ModelArgs};
 
 #[derive(Args, Debug)]
-pub struct GenerateArgs {
+pub(crate) struct GenerateArgs {
     #[command(flatten)]
     pub local: LocalModelArgs,
     /// System message put before the prompt.
@@ -51,7 +51,7 @@ pub struct GenerateArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct AnswerArgs {
+pub(crate) struct AnswerArgs {
     #[command(flatten)]
     pub local: LocalModelArgs,
     /// Task kind; default: mcq with --choices, label with --labels.
@@ -85,7 +85,7 @@ pub struct AnswerArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct ScoreArgs {
+pub(crate) struct ScoreArgs {
     #[command(flatten)]
     pub local: LocalModelArgs,
     /// Text file to score (UTF-8), used verbatim.
@@ -97,7 +97,7 @@ pub struct ScoreArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     #[command(flatten)]
     pub local: LocalModelArgs,
     /// Prompt length in tokens (prefill).
@@ -140,7 +140,7 @@ pub(super) fn load(common: &ModelArgs, spec: &str) -> anyhow::Result<CandleBacke
     .with_context(|| format!("loading {}", resolved.path.display()))
 }
 
-pub fn generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
     let mut be = load(&a.local.common, &a.local.model)?;
     let prompt = if a.raw {
         Prompt::Raw(a.prompt.clone())
@@ -202,7 +202,7 @@ fn parse_choices(raw: &[String]) -> anyhow::Result<Vec<(String, String)>> {
         .collect()
 }
 
-pub fn answer(a: AnswerArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn answer(a: AnswerArgs) -> anyhow::Result<ExitCode> {
     let mut be = load(&a.local.common, &a.local.model)?;
     let scorer = a.scorer.unwrap_or(be.info().scorer);
     if let Some(file) = &a.file {
@@ -345,7 +345,7 @@ fn answer_file(
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn score(a: ScoreArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn score(a: ScoreArgs) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
     let mut be = load(&a.local.common, &a.local.model)?;
     let s = be.score_text(&text)?;
@@ -385,7 +385,7 @@ fn median(xs: &mut [f64]) -> f64 {
     }
 }
 
-pub fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
     if a.prompt_tokens == 0 || a.runs == 0 {
         bail!("--prompt-tokens and --runs must be at least 1");
     }

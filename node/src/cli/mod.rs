@@ -20,13 +20,13 @@ use clap::{Args, Parser, Subcommand};
 /// Wherever a model id is accepted, a path to a local GGUF file works too.
 #[derive(Parser, Debug)]
 #[command(name = "slm-swarm", version, about, long_about = None, propagate_version = true)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     pub cmd: Command,
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Manage the model cache: list the catalog, fetch models.
     #[command(subcommand)]
     Models(ModelsCmd),
@@ -63,7 +63,7 @@ pub enum Command {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum ModelsCmd {
+pub(crate) enum ModelsCmd {
     /// Show the catalog and what is installed.
     List {
         #[command(flatten)]
@@ -84,7 +84,7 @@ pub enum ModelsCmd {
 
 /// Options shared by commands that find models.
 #[derive(Args, Debug, Clone, Default)]
-pub struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// Model catalog to use instead of the built-in configs/models.toml.
     #[arg(long, env = "SLM_SWARM_CATALOG", global = true)]
     pub catalog: Option<PathBuf>,
@@ -93,7 +93,7 @@ pub struct ModelArgs {
 /// Options shared by the commands that run one local model directly
 /// (`generate`, `answer`, `score`, `bench`).
 #[derive(Args, Debug, Clone)]
-pub struct LocalModelArgs {
+pub(crate) struct LocalModelArgs {
     /// Catalog id or path to a GGUF file.
     #[arg(long, short)]
     pub model: String,
@@ -106,7 +106,7 @@ pub struct LocalModelArgs {
 
 /// Options shared by the commands that serve models over HTTP (`start`, `serve`).
 #[derive(Args, Debug, Clone, Default)]
-pub struct ServingArgs {
+pub(crate) struct ServingArgs {
     /// Compute threads for inference (default: physical cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -116,7 +116,7 @@ pub struct ServingArgs {
 
 /// The running node that a client command (`query`, `peers`) talks to.
 #[derive(Args, Debug, Clone)]
-pub struct NodeArgs {
+pub(crate) struct NodeArgs {
     /// Node to ask.
     #[arg(long, env = "SLM_SWARM_NODE", default_value = "http://127.0.0.1:8080")]
     pub node: String,
@@ -124,7 +124,7 @@ pub struct NodeArgs {
 
 impl Cli {
     /// The compute thread count requested by the command, if any.
-    pub fn threads(&self) -> Option<usize> {
+    pub(crate) fn threads(&self) -> Option<usize> {
         match &self.cmd {
             Command::Generate(a) => a.local.threads,
             Command::Answer(a) => a.local.threads,
@@ -145,12 +145,12 @@ impl Cli {
     }
 
     /// A one-shot command whose output may be piped into `head` and the like.
-    pub fn prints_and_exits(&self) -> bool {
+    pub(crate) fn prints_and_exits(&self) -> bool {
         // Not the demo: it must live to shut its child nodes down.
         !matches!(self.cmd, Command::Start(_) | Command::Serve(_) | Command::Demo(_))
     }
 
-    pub fn default_log_level(&self) -> &'static str {
+    pub(crate) fn default_log_level(&self) -> &'static str {
         match self.cmd {
             Command::Start(_) | Command::Serve(_) => "info,libp2p=warn,libp2p_mdns=warn",
             _ => "warn",
@@ -158,7 +158,7 @@ impl Cli {
     }
 }
 
-pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Command::Models(ModelsCmd::List { common, json }) => models::list(&common, json),
         Command::Models(ModelsCmd::Pull { common, ids }) => models::pull(&common, &ids),

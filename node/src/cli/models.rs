@@ -10,7 +10,7 @@ use swarm_node::models::{self, Catalog, PullOptions, PullOutcome, ResolvedModel}
 
 use super::ModelArgs;
 
-pub fn list(args: &ModelArgs, as_json: bool) -> anyhow::Result<ExitCode> {
+pub(super) fn list(args: &ModelArgs, as_json: bool) -> anyhow::Result<ExitCode> {
     let cat = Catalog::load(args.catalog.as_deref())?;
     let home = models::home_dir();
     let rows: Vec<serde_json::Value> = cat
@@ -58,7 +58,7 @@ pub fn list(args: &ModelArgs, as_json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn pull(args: &ModelArgs, ids: &[String]) -> anyhow::Result<ExitCode> {
+pub(super) fn pull(args: &ModelArgs, ids: &[String]) -> anyhow::Result<ExitCode> {
     let cat = Catalog::load(args.catalog.as_deref())?;
     let home = models::home_dir();
     let ids: Vec<String> = if ids.iter().any(|i| i == "all") {
@@ -92,7 +92,7 @@ pub fn pull(args: &ModelArgs, ids: &[String]) -> anyhow::Result<ExitCode> {
 }
 
 /// Resolve a model argument; a catalog model not yet installed is fetched now.
-pub fn ensure(args: &ModelArgs, spec: &str) -> anyhow::Result<ResolvedModel> {
+pub(super) fn ensure(args: &ModelArgs, spec: &str) -> anyhow::Result<ResolvedModel> {
     let cat = Catalog::load(args.catalog.as_deref())?;
     let opts = PullOptions {
         progress: std::io::stderr().is_terminal(),

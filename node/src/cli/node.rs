@@ -19,7 +19,7 @@ use super::models::ensure;
 use super::{ModelArgs, NodeArgs, ServingArgs};
 
 #[derive(Args, Debug, Default)]
-pub struct StartArgs {
+pub(crate) struct StartArgs {
     /// Node configuration file (TOML; see configs/node.toml for every key and its default).
     #[arg(long, short)]
     pub config: Option<PathBuf>,
@@ -72,7 +72,7 @@ pub struct StartArgs {
 
 impl StartArgs {
     /// The configuration file with flags applied.
-    pub fn config(&self) -> anyhow::Result<NodeConfig> {
+    pub(crate) fn config(&self) -> anyhow::Result<NodeConfig> {
         let mut cfg = match &self.config {
             Some(p) => NodeConfig::load(p)?,
             None => NodeConfig::default(),
@@ -129,7 +129,7 @@ impl StartArgs {
 }
 
 /// Load every configured model (fetching catalog models on first use).
-pub fn load_backends(common: &ModelArgs, specs: &[String]) -> anyhow::Result<Vec<Box<dyn Backend>>> {
+pub(super) fn load_backends(common: &ModelArgs, specs: &[String]) -> anyhow::Result<Vec<Box<dyn Backend>>> {
     let mut out: Vec<Box<dyn Backend>> = Vec::new();
     for spec in specs {
         let t0 = Instant::now();
@@ -182,7 +182,7 @@ async fn shutdown_signal() {
 }
 
 /// Serve `node`'s HTTP API until SIGINT/SIGTERM; in-flight requests get a grace period.
-pub async fn serve_http(node: Node, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
+pub(super) async fn serve_http(node: Node, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
     let app = swarm_node::api::router(node.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
@@ -205,7 +205,7 @@ pub async fn serve_http(node: Node, listener: tokio::net::TcpListener) -> anyhow
     Ok(())
 }
 
-pub fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
     let cfg = a.config()?;
     let backends = load_backends(&a.serving.common, &cfg.models)?;
     let home = models::home_dir();
@@ -266,7 +266,7 @@ pub fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
 }
 
 #[derive(Args, Debug)]
-pub struct QueryArgs {
+pub(crate) struct QueryArgs {
     #[command(flatten)]
     pub target: NodeArgs,
     /// Model (default: the node's default model).
@@ -308,7 +308,7 @@ async fn check(resp: reqwest::Response) -> anyhow::Result<Value> {
     Ok(body)
 }
 
-pub fn query(a: QueryArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn query(a: QueryArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -376,7 +376,7 @@ pub fn query(a: QueryArgs) -> anyhow::Result<ExitCode> {
 }
 
 #[derive(Args, Debug)]
-pub struct PeersArgs {
+pub(crate) struct PeersArgs {
     #[command(flatten)]
     pub target: NodeArgs,
     /// Print JSON (`GET /v1/swarm/peers`).
@@ -384,7 +384,7 @@ pub struct PeersArgs {
     pub json: bool,
 }
 
-pub fn peers(a: PeersArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn peers(a: PeersArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

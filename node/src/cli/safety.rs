@@ -16,7 +16,7 @@ use swarm_node::safety::{parse_labelled, SafetyClassifier};
 use super::ModelArgs;
 
 #[derive(Args, Debug)]
-pub struct SafetyEvalArgs {
+pub(crate) struct SafetyEvalArgs {
     /// Labelled prompts: JSONL of {text, label: safe|unsafe, category, source}.
     #[arg(long, default_value = "data/safety/eval.jsonl")]
     pub file: PathBuf,
@@ -97,7 +97,7 @@ struct Miss {
     nearest_safe: Option<(f32, String)>,
 }
 
-pub fn safety_eval(a: SafetyEvalArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn safety_eval(a: SafetyEvalArgs) -> anyhow::Result<ExitCode> {
     let text =
         std::fs::read_to_string(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
     let items = parse_labelled(&text).with_context(|| a.file.display().to_string())?;

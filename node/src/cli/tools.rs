@@ -28,7 +28,7 @@ use super::node::{load_backends, serve_http, StartArgs};
 use super::{ModelArgs, ServingArgs};
 
 #[derive(Args, Debug)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// Model to serve: catalog id or GGUF path (repeatable).
     #[arg(long = "model", short = 'm', required = true)]
     pub models: Vec<String>,
@@ -127,7 +127,7 @@ async fn stop_signal() {
 }
 
 /// A node that joins no swarm and always answers with its own model.
-pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let start = StartArgs {
         models: a.models.clone(),
         http: Some(a.http.clone()),
@@ -205,7 +205,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 #[derive(Args, Debug)]
-pub struct BenchVoteArgs {
+pub(crate) struct BenchVoteArgs {
     /// Votes to run (after a few warm-up votes).
     #[arg(long, default_value_t = 60)]
     pub votes: usize,
@@ -236,7 +236,7 @@ fn pct(xs: &mut [f64], p: f64) -> f64 {
 }
 
 /// Three in-process nodes over QUIC on loopback; node 1 coordinates every vote.
-pub fn bench_vote(a: BenchVoteArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn bench_vote(a: BenchVoteArgs) -> anyhow::Result<ExitCode> {
     if a.votes == 0 {
         bail!("--votes must be at least 1");
     }

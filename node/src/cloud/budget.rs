@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::CloudError;
 
-pub const MINUTE_MS: u64 = 60_000;
-pub const DAY_MS: u64 = 86_400_000;
+pub(super) const MINUTE_MS: u64 = 60_000;
+pub(super) const DAY_MS: u64 = 86_400_000;
 
 /// Wall-clock time in milliseconds since the Unix epoch. Wall time (not a
 /// monotonic instant) because the day counter follows UTC calendar days.
@@ -74,7 +74,7 @@ impl fmt::Display for BudgetWindow {
 /// Counts calls against both limits. Not thread-safe by itself: the client keeps
 /// it behind a mutex (the critical sections never await).
 #[derive(Debug)]
-pub struct Budget {
+pub(super) struct Budget {
     per_minute: u32,
     per_day: u32,
     /// Start times of the calls in the last minute, oldest first.
@@ -84,7 +84,7 @@ pub struct Budget {
 }
 
 impl Budget {
-    pub fn new(per_minute: u32, per_day: u32) -> Self {
+    pub(super) fn new(per_minute: u32, per_day: u32) -> Self {
         Self {
             per_minute,
             per_day,
@@ -108,7 +108,7 @@ impl Budget {
     }
 
     /// Calls still allowed right now: the smaller of what is left this minute and today.
-    pub fn left(&mut self, now: u64) -> u32 {
+    pub(super) fn left(&mut self, now: u64) -> u32 {
         self.refresh(now);
         let minute_left = self
             .per_minute
@@ -119,7 +119,7 @@ impl Budget {
 
     /// Takes one call from the budget, or says which limit refuses it and when
     /// the next call would be allowed.
-    pub fn try_take(&mut self, now: u64) -> Result<(), CloudError> {
+    pub(super) fn try_take(&mut self, now: u64) -> Result<(), CloudError> {
         self.refresh(now);
         if self.day_count >= self.per_day {
             return Err(CloudError::BudgetExhausted {

@@ -7,24 +7,24 @@ use super::CloudError;
 
 /// Longest SSE line accepted; a server that never sends a newline cannot make
 /// us buffer without bound.
-pub const MAX_SSE_LINE: usize = 1 << 20;
+pub(super) const MAX_SSE_LINE: usize = 1 << 20;
 
 /// Incremental SSE parser: feed it byte chunks as they arrive, get back the
 /// `data` of each complete event. Chunk boundaries may fall anywhere, including
 /// inside a UTF-8 sequence or between `\r` and `\n`.
 #[derive(Debug, Default)]
-pub struct SseParser {
+pub(super) struct SseParser {
     line: Vec<u8>,
     data: Option<String>,
 }
 
 impl SseParser {
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self::default()
     }
 
     /// Consumes `bytes`; returns the events they completed, in order.
-    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<String>, CloudError> {
+    pub(super) fn push(&mut self, bytes: &[u8]) -> Result<Vec<String>, CloudError> {
         let mut events = Vec::new();
         for &b in bytes {
             if b == b'\n' {
@@ -47,7 +47,7 @@ impl SseParser {
 
     /// End of the byte stream: an event not followed by its blank line still
     /// counts (lenient towards servers that close right after the last event).
-    pub fn finish(&mut self) -> Result<Vec<String>, CloudError> {
+    pub(super) fn finish(&mut self) -> Result<Vec<String>, CloudError> {
         let mut events = Vec::new();
         if !self.line.is_empty() {
             let line = std::mem::take(&mut self.line);
@@ -91,7 +91,7 @@ impl SseParser {
 
 /// What one event of a chat completion stream means.
 #[derive(Debug, PartialEq)]
-pub enum StreamEvent {
+pub(super) enum StreamEvent {
     /// `data: [DONE]`: the answer is complete.
     Done,
     /// A chunk: maybe some text, maybe the finish reason.
@@ -122,7 +122,7 @@ struct Delta {
 
 /// Decodes one event's data. An `error` object mid-stream (some servers send
 /// one instead of closing) becomes `BadResponse` with the server's message.
-pub fn decode_event(data: &str) -> Result<StreamEvent, CloudError> {
+pub(super) fn decode_event(data: &str) -> Result<StreamEvent, CloudError> {
     if data.trim() == "[DONE]" {
         return Ok(StreamEvent::Done);
     }

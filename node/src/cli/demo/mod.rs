@@ -27,7 +27,7 @@ use self::table::{print_table, summary};
 use super::ModelArgs;
 
 #[derive(Args, Debug)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// Models of the three swarm nodes, one per node (catalog ids or GGUF paths).
     #[arg(long = "model", num_args = 1, default_values_t = [
         "smollm2-135m".to_string(), "gemma3-270m".to_string(), "qwen2.5-coder-0.5b".to_string()])]
@@ -63,7 +63,7 @@ pub struct DemoArgs {
     pub common: ModelArgs,
 }
 
-pub fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
     if a.models.len() != 3 {
         bail!("give exactly three --model (one per swarm node), or none for the defaults");
     }
