@@ -243,11 +243,6 @@ impl Coordinator {
         &self.task
     }
 
-    /// The route inputs as decided on (the local confidence once known).
-    pub fn inputs(&self) -> &RouteInputs {
-        &self.inputs
-    }
-
     /// Every ballot so far, this node's first.
     pub fn records(&self) -> &[VoterRecord] {
         &self.records
@@ -261,11 +256,6 @@ impl Coordinator {
     /// How the vote went, once it is tallied.
     pub fn vote_summary(&self) -> Option<&VoteSummary> {
         self.vote.as_ref().map(|v| &v.1).filter(|_| self.voted())
-    }
-
-    /// The voters asked, if a vote started.
-    pub fn asked(&self) -> &[VoterCandidate] {
-        &self.asked
     }
 
     pub fn is_done(&self) -> bool {
