@@ -6,6 +6,7 @@
 
 pub mod codec;
 pub mod election;
+pub mod membership;
 pub mod message;
 pub mod peers;
 pub mod policy;

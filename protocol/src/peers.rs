@@ -99,6 +99,16 @@ impl PeerTable {
 
     /// Records an advert heard at `now_ms`. Callers validate adverts before this.
     pub fn observe(&mut self, advert: impl Into<Arc<Advert>>, now_ms: u64) -> PeerEvent {
+        self.observe_replacing(advert, now_ms).0
+    }
+
+    /// Like [`PeerTable::observe`], also handing back the advert it replaced (on `Updated`),
+    /// so a caller can compare old and new without a second lookup.
+    pub fn observe_replacing(
+        &mut self,
+        advert: impl Into<Arc<Advert>>,
+        now_ms: u64,
+    ) -> (PeerEvent, Option<Arc<Advert>>) {
         let advert = advert.into();
         if let Some(entry) = self
             .find(&advert.peer)
@@ -106,15 +116,15 @@ impl PeerTable {
             .and_then(Option::as_mut)
         {
             if advert.seq <= entry.advert.seq {
-                return PeerEvent::Stale;
+                return (PeerEvent::Stale, None);
             }
-            entry.advert = advert;
+            let old = std::mem::replace(&mut entry.advert, advert);
             entry.last_seen_ms = entry.last_seen_ms.max(now_ms);
-            return PeerEvent::Updated;
+            return (PeerEvent::Updated, Some(old));
         }
         if let Some((seq, _)) = self.tombstones.get(&advert.peer) {
             if advert.seq <= *seq {
-                return PeerEvent::Stale;
+                return (PeerEvent::Stale, None);
             }
             self.tombstones.remove(&advert.peer);
         }
@@ -145,7 +155,7 @@ impl PeerTable {
             }
         }
         self.order.insert(peer, slot);
-        PeerEvent::Joined
+        (PeerEvent::Joined, None)
     }
 
     fn key(&self, peer: &str) -> u64 {

@@ -1,6 +1,7 @@
-//! The membership task: owns the protocol's peer table and gateway election,
-//! publishes this node's advert (on its period, and early when what peers route
-//! on changes), and replaces the [`SwarmView`] snapshot on every change. Peers'
+//! The membership task: drives the protocol's sans-IO [`Machine`] (peer table,
+//! gateway election, when to advertise; its rules are written down in
+//! `swarm_protocol::membership`), samples this node's load for it, carries out
+//! what it decides, and replaces the [`SwarmView`] snapshot on every change. Peers'
 //! requests (votes, forwarded queries, escalations) are handed to the request
 //! handler that `Node::start` wires in (the router), so this task never runs a model.
 
@@ -9,10 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use libp2p::{Multiaddr, PeerId};
-use swarm_protocol::{
-    encode_msg, Advert, Candidates, Capacity, CloudStatus, Election, ElectionConfig, ModelCard, PeerEvent,
-    PeerTable,
-};
+use swarm_protocol::membership::{InEvent, LocalState, Membership as Machine, MembershipConfig, OutEvent};
+use swarm_protocol::{encode_msg, Advert, Capacity, ElectionConfig};
 use tokio::sync::{mpsc, watch};
 
 use super::{GatewayView, PeerView, SwarmView};
@@ -29,6 +28,19 @@ pub(crate) fn wall_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Stands in until the first sample, taken as the task is built.
+fn placeholder_state(name: &str) -> LocalState {
+    let a = initial_advert("", name);
+    LocalState {
+        name: a.name,
+        version: a.version,
+        addrs: a.addrs,
+        models: a.models,
+        capacity: a.capacity,
+        cloud: a.cloud,
+    }
 }
 
 /// An advert with nothing measured yet: the view's `me` until the first publish.
@@ -52,9 +64,6 @@ pub(crate) fn initial_advert(peer: &str, name: &str) -> Advert {
         sent_ms: wall_ms(),
     }
 }
-
-/// What peers route on: a change is advertised before the next period.
-type AdvertKey = (Vec<ModelCard>, u32, Option<CloudStatus>, Option<u64>);
 
 /// What the membership task is given by `Node::start`.
 pub struct MembershipParts {
@@ -81,38 +90,36 @@ impl MembershipParts {
     }
 }
 
-/// The membership task's state.
+/// The membership task: samples this node's state, drives the protocol's
+/// [`Machine`] and carries out what it decides.
 pub struct Membership {
     p: MembershipParts,
-    table: PeerTable,
-    election: Election,
-    seq: u64,
+    machine: Machine,
     addrs: Vec<String>,
     /// `None` where the platform gives no system statistics.
     sys: Option<sysinfo::System>,
     t0: Instant,
-    last_published: Option<AdvertKey>,
-    last_publish_at: Instant,
     gone: BTreeMap<String, Instant>,
 }
 
 impl Membership {
     pub fn new(p: MembershipParts) -> Self {
-        let table = PeerTable::new(p.advert_interval_ms, p.missed_adverts);
-        let election = Election::new(p.me.clone(), p.election, 0);
-        Self {
+        let cfg = MembershipConfig {
+            advert_interval_ms: p.advert_interval_ms,
+            missed_adverts: p.missed_adverts,
+            election: p.election,
+        };
+        let mut m = Self {
+            machine: Machine::new(p.me.clone(), cfg, placeholder_state(&p.name), 0, wall_ms()),
             p,
-            table,
-            election,
-            // Seeded from the wall clock so a restarted node's adverts are newer.
-            seq: wall_ms(),
             addrs: Vec::new(),
             sys: sysinfo::System::new().ok(),
             t0: Instant::now(),
-            last_published: None,
-            last_publish_at: Instant::now(),
             gone: BTreeMap::new(),
-        }
+        };
+        let local = m.local_state();
+        m.machine.set_local(local);
+        m
     }
 
     fn now_ms(&self) -> u64 {
@@ -120,12 +127,9 @@ impl Membership {
     }
 
     pub async fn run(mut self, mut events: mpsc::Receiver<NetEvent>, mut shutdown: watch::Receiver<bool>) {
-        let interval = Duration::from_millis(self.p.advert_interval_ms);
-        let mut advert_tick = tokio::time::interval(interval);
-        advert_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Expiry and "on change" adverts are checked more often than the period.
-        let mut fast_tick = tokio::time::interval((interval / 4).max(Duration::from_millis(25)));
-        fast_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let tick_every = Duration::from_millis(self.machine.config().tick_ms());
+        let mut tick = tokio::time::interval(tick_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -134,21 +138,13 @@ impl Membership {
                     Some(ev) => self.event(ev).await,
                     None => break,
                 },
-                _ = advert_tick.tick() => {
-                    self.publish(true).await;
-                }
-                _ = fast_tick.tick() => {
-                    let before = self.p.view_tx.borrow().clone();
-                    let expired = self.table.expire(self.now_ms());
-                    if !expired.is_empty() {
-                        tracing::info!("peers expired: {expired:?}");
-                        self.remember_gone(&before, &expired);
-                    }
-                    self.elect();
-                    if !expired.is_empty() {
-                        self.refresh_view();
-                    }
-                    self.publish(false).await;
+                _ = tick.tick() => {
+                    let local = self.local_state();
+                    self.machine.set_local(local);
+                    let out = self.machine.handle(InEvent::Tick, self.now_ms());
+                    self.carry_out(out).await;
+                    // Every tick: the view's own entry shows the load just sampled.
+                    self.refresh_view();
                 }
             }
         }
@@ -158,20 +154,10 @@ impl Membership {
     async fn event(&mut self, ev: NetEvent) {
         match ev {
             NetEvent::Advert { advert } => {
-                if advert.peer == self.p.me {
-                    return;
-                }
-                let addrs: Vec<Multiaddr> = advert.addrs.iter().filter_map(|a| a.parse().ok()).collect();
-                let peer = advert.peer.parse::<PeerId>().ok();
-                let ev = self.table.observe(advert, self.now_ms());
-                if let (PeerEvent::Joined, Some(p)) = (&ev, peer) {
-                    tracing::info!("peer joined: {p}");
-                    let _ = self.p.net.add_addrs(p, addrs).await;
-                }
-                if !matches!(ev, PeerEvent::Stale) {
-                    self.elect();
-                    self.refresh_view();
-                }
+                let now = self.now_ms();
+                let out = self.machine.handle(InEvent::Advert(Arc::new(advert)), now);
+                self.carry_out(out).await;
+                self.refresh_view();
             }
             NetEvent::ListenAddr(a) => {
                 let s = a.to_string();
@@ -187,13 +173,47 @@ impl Membership {
         }
     }
 
+    /// Does what the machine decided: publish, dial, log.
+    async fn carry_out(&mut self, out: Vec<OutEvent>) {
+        for ev in out {
+            match ev {
+                OutEvent::Publish(advert) => match encode_msg(advert.as_ref()) {
+                    Ok(bytes) => {
+                        let _ = self.p.net.publish(bytes).await;
+                    }
+                    Err(e) => tracing::error!("own advert does not encode: {e}"),
+                },
+                OutEvent::Joined { peer, addrs } => {
+                    tracing::info!("peer joined: {peer}");
+                    let addrs: Vec<Multiaddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                    if let Ok(p) = peer.parse::<PeerId>() {
+                        let _ = self.p.net.add_addrs(p, addrs).await;
+                    }
+                }
+                OutEvent::Expired(expired) => {
+                    tracing::info!("peers expired: {expired:?}");
+                    let before = self.p.view_tx.borrow().clone();
+                    self.remember_gone(&before, &expired);
+                }
+                OutEvent::Gateway(change) => tracing::info!(
+                    "gateway: {:?} -> {:?} (term {}, {:?})",
+                    change.previous,
+                    change.gateway,
+                    change.term,
+                    change.reason
+                ),
+            }
+        }
+    }
+
     /// Remember the models of expired peers that no live peer serves any more.
     fn remember_gone(&mut self, before: &SwarmView, expired: &[String]) {
         let now = Instant::now();
         for p in before.peers.iter().filter(|p| expired.contains(&p.advert.peer)) {
             for m in &p.advert.models {
                 let still = self
-                    .table
+                    .machine
+                    .table()
                     .live()
                     .any(|e| e.advert.models.iter().any(|x| x.id == m.id));
                 if !still {
@@ -229,78 +249,42 @@ impl Membership {
         }
     }
 
-    fn own_advert(&mut self) -> Advert {
-        self.seq += 1;
-        Advert {
-            peer: self.p.me.clone(),
-            seq: self.seq,
+    /// What this node would advertise now.
+    fn local_state(&mut self) -> LocalState {
+        LocalState {
             name: self.p.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             addrs: self.addrs.clone(),
             models: self.p.models.cards(),
             capacity: self.capacity(),
             cloud: self.p.gateway.status(),
-            gateway: self.election.claim(),
-            sent_ms: wall_ms(),
         }
     }
 
-    /// Publish on the period (`due`), or early when what peers route on changed.
-    async fn publish(&mut self, due: bool) {
-        let cards = self.p.models.cards();
-        let queue = self.p.models.load() as u32;
-        let cloud = self.p.gateway.status();
-        let term = self.election.claim().map(|c| c.term);
-        let key = (cards, queue, cloud, term);
-        let changed = self.last_published.as_ref() != Some(&key);
-        // Rate-limit change-driven adverts to a few per period.
-        let min_gap = Duration::from_millis(self.p.advert_interval_ms / 4);
-        let early = changed && self.last_publish_at.elapsed() >= min_gap;
-        if !(due || early) {
-            return;
-        }
-        self.last_published = Some(key);
-        self.last_publish_at = Instant::now();
-        let advert = self.own_advert();
-        match encode_msg(&advert) {
-            Ok(bytes) => {
-                let _ = self.p.net.publish(bytes).await;
-            }
-            Err(e) => tracing::error!("own advert does not encode: {e}"),
-        }
-        self.refresh_view_with(Arc::new(advert));
-    }
-
-    fn elect(&mut self) {
-        // This node is a candidate too, from what it would advertise now.
-        let me = self.p.view_tx.borrow().me.clone();
-        let mut me = (*me).clone();
-        me.cloud = self.p.gateway.status();
-        me.gateway = self.election.claim();
-        let mut all: Vec<Advert> = self.table.adverts().cloned().collect();
-        all.push(me);
-        let cands = Candidates::from_adverts(all.iter());
-        if let Some(change) = self.election.update(&cands, self.now_ms()) {
-            tracing::info!(
-                "gateway: {:?} -> {:?} (term {}, {:?})",
-                change.previous,
-                change.gateway,
-                change.term,
-                change.reason
-            );
-            self.refresh_view();
-        }
+    /// The view's own entry: the last advert, with the load and cloud status just sampled.
+    fn me_now(&self) -> Arc<Advert> {
+        let local = self.machine.local();
+        let mut me = match self.machine.own() {
+            Some(a) => (**a).clone(),
+            None => initial_advert(&self.p.me, &self.p.name),
+        };
+        me.capacity = local.capacity.clone();
+        me.cloud = local.cloud.clone();
+        me.models = local.models.clone();
+        me.gateway = self.machine.election().claim();
+        Arc::new(me)
     }
 
     fn refresh_view(&mut self) {
-        let me = self.p.view_tx.borrow().me.clone();
+        let me = self.me_now();
         self.refresh_view_with(me);
     }
 
     fn refresh_view_with(&mut self, me: Arc<Advert>) {
         let now = self.now_ms();
         let peers = self
-            .table
+            .machine
+            .table()
             .live()
             .map(|e| PeerView {
                 advert: e.advert.clone(),
@@ -308,16 +292,21 @@ impl Membership {
             })
             .collect();
         let old_gw = self.p.view_tx.borrow().gateway.clone();
-        let gateway = self.election.current().map(|(peer, term, _)| match &old_gw {
-            Some(g) if g.peer == peer && g.term == term => g.clone(),
-            _ => GatewayView {
-                peer: peer.to_string(),
-                term,
-                since: Instant::now(),
-            },
-        });
+        let gateway = self
+            .machine
+            .election()
+            .current()
+            .map(|(peer, term, _)| match &old_gw {
+                Some(g) if g.peer == peer && g.term == term => g.clone(),
+                _ => GatewayView {
+                    peer: peer.to_string(),
+                    term,
+                    since: Instant::now(),
+                },
+            });
         let live: Vec<&str> = self
-            .table
+            .machine
+            .table()
             .live()
             .flat_map(|e| e.advert.models.iter().map(|m| m.id.as_str()))
             .collect();

@@ -69,10 +69,11 @@ impl Sim {
             });
             c.nodes += 1;
             c.eligible |= n.cloud.as_ref().is_some_and(|cl| cl.reachable && cl.budget > 0);
-            if n.election.is_gateway() {
+            if n.mem.election().is_gateway() {
                 c.claimers.push(self.ids[v].clone());
             }
-            c.views.insert(n.election.current().map(|(p, _, _)| p.to_owned()));
+            c.views
+                .insert(n.mem.election().current().map(|(p, _, _)| p.to_owned()));
         }
         out.into_values().collect()
     }
@@ -96,7 +97,8 @@ impl Sim {
                 continue;
             }
             let (count, hash) = live.get(&n.group).copied().unwrap_or((0, 0));
-            if n.table.len() != count || n.set_hash != hash {
+            // The table holds the peers; the live set counts the node itself too.
+            if n.mem.table().len() + 1 != count || n.set_hash != hash {
                 bad += 1;
                 example.get_or_insert(v as u32);
             }
@@ -135,7 +137,7 @@ impl Sim {
                 let n = &self.nodes[v as usize];
                 self.violation(format!(
                     "peer tables differ from the live set on {bad} node(s), e.g. node {v} holds {} peers",
-                    n.table.len()
+                    n.mem.table().len()
                 ));
             }
         }

@@ -106,12 +106,12 @@ impl Sim {
         };
         if left == 0 {
             // No longer eligible: say so now so the swarm fails over.
-            if self.nodes[gw as usize].election.is_gateway() {
+            if self.nodes[gw as usize].mem.election().is_gateway() {
                 let g = self.nodes[gw as usize].group;
                 self.ck.failover_pending.push((g, self.now));
             }
             self.disruption();
-            self.publish(gw);
+            self.local_changed(gw);
         }
         let c = &self.sc.cloud;
         let cloud_ms = c.latency_ms + c.latency_jitter_ms * self.rng.random::<f64>();
@@ -199,7 +199,8 @@ impl Sim {
     /// The gateway in `v`'s view, as a slot.
     fn gateway_of(&self, v: u32) -> Option<u32> {
         self.nodes[v as usize]
-            .election
+            .mem
+            .election()
             .current()
             .and_then(|(p, _, _)| self.id_index.get(p).copied())
     }

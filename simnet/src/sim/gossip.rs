@@ -1,11 +1,13 @@
-//! Gossip and election: gossipsub-like mesh upkeep, the periodic tick, building, publishing,
-//! receiving and forwarding adverts, and re-running a node's gateway election.
+//! Gossip and membership: gossipsub-like mesh upkeep, the periodic tick, and driving each
+//! node's `swarm_protocol::membership::Membership` — its local state sampled, its adverts
+//! published and forwarded, adverts received, its gateway changes counted.
 
 use std::rc::Rc;
 use std::sync::Arc;
 
 use rand::Rng;
-use swarm_protocol::{encode_msg, Advert, Candidates, Capacity, CloudStatus, ModelCard, PeerEvent, Validate};
+use swarm_protocol::membership::{InEvent, LocalState, OutEvent};
+use swarm_protocol::{encode_msg, Advert, Capacity, CloudStatus, ModelCard, Validate};
 
 use super::{slot_hash, AdvMsg, Ev, Sim, DOWN};
 
@@ -61,38 +63,45 @@ impl Sim {
         if !self.up(v) || self.nodes[v as usize].inc != inc {
             return;
         }
-        let local = self.local_ms(v);
-        let interval_us = self.sc.timing.advert_interval_ms * 1000;
-        let gone = self.nodes[v as usize].table.expire(local);
-        let mut election_dirty = false;
-        for peer in gone {
-            if let Some(&slot) = self.id_index.get(&peer) {
-                self.slot(slot, v).relevant = false;
-                let n = &mut self.nodes[v as usize];
-                n.set_hash ^= slot_hash(slot);
-                election_dirty |= n.relevant.remove(&slot);
-            }
-        }
+        let tick_ms = self.membership_tick_ms();
+        let per_interval = (self.sc.timing.advert_interval_ms / tick_ms).max(1);
         {
             let n = &mut self.nodes[v as usize];
-            n.cpu_load = (n.busy_acc_us as f64 / interval_us as f64).min(1.0) as f32;
-            n.busy_acc_us = 0;
+            let i = (n.ticks % 4) as usize;
+            n.busy_ring[i] = std::mem::take(&mut n.busy_acc_us);
+            let window_us = 4 * tick_ms * 1000;
+            n.cpu_load = (n.busy_ring.iter().sum::<u64>() as f64 / window_us as f64).min(1.0) as f32;
         }
-        if election_dirty {
-            self.run_election(v);
+        let local = self.local_ms(v);
+        let n = &mut self.nodes[v as usize];
+        // Only the load changes between ticks; the rest goes in through `local_changed`.
+        let capacity = Capacity {
+            cores: n.cores,
+            cpu_load: n.cpu_load,
+            mem_free_mb: n.mem_mb,
+            queue: n.queue,
+            max_concurrency: 1,
+        };
+        n.mem.set_capacity(capacity);
+        let out = n.mem.handle(InEvent::Tick, local);
+        let upkeep = n.ticks % per_interval == 0;
+        n.ticks += 1;
+        self.apply_membership(v, out);
+        if upkeep {
+            self.maintain_mesh(v);
         }
-        self.publish(v);
-        self.maintain_mesh(v);
-        self.push(self.now + interval_us, Ev::Tick { node: v, inc });
+        self.push(self.now + tick_ms * 1000, Ev::Tick { node: v, inc });
     }
 
-    fn advert_of(&mut self, v: u32, local: u64) -> Advert {
-        let n = &mut self.nodes[v as usize];
-        n.seq = (n.seq + 1).max(local);
+    pub(super) fn membership_tick_ms(&self) -> u64 {
+        self.membership_cfg().tick_ms()
+    }
+
+    /// What node `v` would advertise now.
+    pub(super) fn local_state(&self, v: u32) -> LocalState {
+        let n = &self.nodes[v as usize];
         let profile = &self.sc.models[n.model];
-        Advert {
-            peer: self.ids[v as usize].clone(),
-            seq: n.seq,
+        LocalState {
             name: format!("node-{v}"),
             version: "0.1.0".into(),
             addrs: vec![format!(
@@ -122,20 +131,53 @@ impl Sim {
                 budget_left: c.budget,
                 priority: c.priority,
             }),
-            gateway: n.election.claim(),
-            sent_ms: local,
         }
     }
 
-    /// Publishes a fresh advert: into the node's own table, then to its mesh.
-    pub(super) fn publish(&mut self, v: u32) {
+    /// Node `v`'s own state changed in a way peers decide on (cloud reachability or budget):
+    /// the machine advertises it early.
+    pub(super) fn local_changed(&mut self, v: u32) {
+        let state = self.local_state(v);
         let local = self.local_ms(v);
-        let advert = self.advert_of(v, local);
+        let out = self.nodes[v as usize].mem.handle(InEvent::Local(state), local);
+        self.apply_membership(v, out);
+    }
+
+    /// Carries out what node `v`'s membership machine decided.
+    fn apply_membership(&mut self, v: u32, out: Vec<OutEvent>) {
+        for ev in out {
+            match ev {
+                OutEvent::Publish(advert) => self.publish(v, advert),
+                OutEvent::Joined { peer, .. } => {
+                    if let Some(&slot) = self.id_index.get(&peer) {
+                        self.nodes[v as usize].set_hash ^= slot_hash(slot);
+                    }
+                }
+                OutEvent::Expired(gone) => {
+                    for peer in gone {
+                        if let Some(&slot) = self.id_index.get(&peer) {
+                            self.nodes[v as usize].set_hash ^= slot_hash(slot);
+                        }
+                    }
+                }
+                OutEvent::Gateway(change) => {
+                    self.m.view_changes += 1;
+                    let me = self.ids[v as usize].as_str();
+                    if change.gateway.as_deref() == Some(me) && change.previous.as_deref() != Some(me) {
+                        self.m.elections += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends node `v`'s fresh advert to its mesh.
+    fn publish(&mut self, v: u32, advert: Arc<Advert>) {
         if let Err(e) = advert.validate() {
             self.violation(format!("node {v} built an invalid advert: {e}"));
             return;
         }
-        let bytes = match encode_msg(&advert) {
+        let bytes = match encode_msg(advert.as_ref()) {
             Ok(b) => b.len() as u32,
             Err(e) => {
                 self.violation(format!("node {v} cannot encode its advert: {e}"));
@@ -145,46 +187,23 @@ impl Sim {
         let msg = Rc::new(AdvMsg {
             origin: v,
             seq: advert.seq,
-            relevant: advert.cloud.is_some() || advert.gateway.is_some(),
-            advert: Arc::new(advert),
+            advert,
             bytes,
         });
-        self.receive(v, &msg);
-        self.run_election(v);
+        self.slot(v, v).seen = msg.seq;
         self.forward(v, v, &msg);
-    }
-
-    /// Applies a first-seen advert to node `v`'s table; true when it changed the election view.
-    fn receive(&mut self, v: u32, msg: &AdvMsg) {
-        let local = self.local_ms(v);
-        let slot = self.slot(msg.origin, v);
-        slot.seen = msg.seq;
-        let was_relevant = std::mem::replace(&mut slot.relevant, msg.relevant);
-        let n = &mut self.nodes[v as usize];
-        if n.table.observe(msg.advert.clone(), local) == PeerEvent::Joined {
-            n.set_hash ^= slot_hash(msg.origin);
-        }
-        if msg.relevant && !was_relevant {
-            n.relevant.insert(msg.origin);
-        } else if was_relevant && !msg.relevant {
-            n.relevant.remove(&msg.origin);
-        }
     }
 
     pub(super) fn on_gossip(&mut self, to: u32, from: u32, msg: Rc<AdvMsg>) {
         if self.reach[to as usize] == DOWN || self.slot(msg.origin, to).seen >= msg.seq {
             return;
         }
-        let was_relevant = self.slot(msg.origin, to).relevant;
-        self.receive(to, &msg);
-        if msg.relevant || was_relevant {
-            let claimed = self.nodes[to as usize].election.is_gateway();
-            self.run_election(to);
-            // Adverts go out on change too: a new or former gateway says so at once.
-            if self.nodes[to as usize].election.is_gateway() != claimed {
-                self.publish(to);
-            }
-        }
+        self.slot(msg.origin, to).seen = msg.seq;
+        let local = self.local_ms(to);
+        let out = self.nodes[to as usize]
+            .mem
+            .handle(InEvent::Advert(msg.advert.clone()), local);
+        self.apply_membership(to, out);
         self.forward(to, from, &msg);
     }
 
@@ -228,24 +247,5 @@ impl Sim {
             );
         }
         self.nodes[v as usize].mesh = mesh;
-    }
-
-    fn run_election(&mut self, v: u32) {
-        let local = self.local_ms(v);
-        let n = &mut self.nodes[v as usize];
-        let ids = &self.ids;
-        let cands = Candidates::from_adverts(
-            n.relevant
-                .iter()
-                .filter_map(|s| n.table.get(&ids[*s as usize]))
-                .map(|e| e.advert.as_ref()),
-        );
-        let was = n.election.is_gateway();
-        if n.election.update(&cands, local).is_some() {
-            self.m.view_changes += 1;
-            if !was && n.election.is_gateway() {
-                self.m.elections += 1;
-            }
-        }
     }
 }

@@ -4,9 +4,9 @@
 use std::cmp::Reverse;
 
 use rand::Rng;
-use swarm_protocol::{Election, PeerTable};
+use swarm_protocol::membership::Membership as MembershipMachine;
 
-use super::{us, Ev, GossipSlot, NodeState, Sim};
+use super::{slot_hash, us, Ev, GossipSlot, NodeState, Sim};
 use crate::scenario::{parse_target, Action, Target};
 
 impl Sim {
@@ -15,23 +15,25 @@ impl Sim {
             self.booted_initial += 1;
         }
         let local = self.local_ms(v);
-        let t = self.sc.timing.clone();
         let id = self.ids[v as usize].clone();
-        let cfg = self.election_cfg;
+        let cfg = self.membership_cfg();
         let now = self.now;
+        {
+            let n = &mut self.nodes[v as usize];
+            n.state = NodeState::Up;
+            n.mesh.clear();
+            n.busy_until = now;
+            n.queue = 0;
+            n.busy_acc_us = 0;
+            n.busy_ring = [0; 4];
+            n.cpu_load = 0.0;
+            n.ticks = 0;
+        }
+        let state = self.local_state(v);
         let n = &mut self.nodes[v as usize];
-        n.state = NodeState::Up;
-        n.table = PeerTable::new(t.advert_interval_ms, t.advert_missed);
-        n.election = Election::new(id, cfg, local);
-        // Seeded from the clock, so a restarted node's adverts are newer than its old ones.
-        n.seq = n.seq.max(local);
-        n.relevant.clear();
-        n.set_hash = 0;
-        n.mesh.clear();
-        n.busy_until = now;
-        n.queue = 0;
-        n.busy_acc_us = 0;
-        n.cpu_load = 0.0;
+        // The local clock seeds advert seqs, so a restarted node's adverts are newer.
+        n.mem = MembershipMachine::new(id, cfg, state, local, local);
+        n.set_hash = slot_hash(v);
         let cap = self.ids.len();
         for o in 0..cap {
             self.gossip[o * cap + v as usize] = GossipSlot::default();
@@ -49,7 +51,7 @@ impl Sim {
         if !self.up(v) {
             return;
         }
-        let was_gateway = self.nodes[v as usize].election.is_gateway();
+        let was_gateway = self.nodes[v as usize].mem.election().is_gateway();
         let group = self.nodes[v as usize].group;
         let now = self.now;
         let n = &mut self.nodes[v as usize];
@@ -100,8 +102,8 @@ impl Sim {
     /// The gateway most nodes would name: the claimer with the highest term.
     fn current_gateway(&self) -> Option<u32> {
         (0..self.slots_used as u32)
-            .filter(|&v| self.up(v) && self.nodes[v as usize].election.is_gateway())
-            .max_by_key(|&v| (self.nodes[v as usize].election.term(), Reverse(v)))
+            .filter(|&v| self.up(v) && self.nodes[v as usize].mem.election().is_gateway())
+            .max_by_key(|&v| (self.nodes[v as usize].mem.election().term(), Reverse(v)))
     }
 
     fn resolve_target(&mut self, target: Target) -> Option<u32> {
@@ -168,7 +170,7 @@ impl Sim {
                 let Some(v) = self.resolve_target(t) else {
                     return;
                 };
-                let was_gateway = self.nodes[v as usize].election.is_gateway();
+                let was_gateway = self.nodes[v as usize].mem.election().is_gateway();
                 if let Some(c) = self.nodes[v as usize].cloud.as_mut() {
                     c.reachable = reachable;
                     if was_gateway && !reachable {
@@ -177,7 +179,7 @@ impl Sim {
                     }
                     self.disruption();
                     if self.up(v) {
-                        self.publish(v);
+                        self.local_changed(v);
                     }
                 }
             }

@@ -9,14 +9,16 @@
 //! node forwards a new advert to its ~D mesh peers); a send that is certain to arrive as a
 //! duplicate is counted but not simulated; duplicate-suppression state is laid out per origin so
 //! one flood touches one contiguous row; the event queue is a timing wheel (`queue.rs`);
-//! peer-table expiry is O(1) when nothing can expire; election input is built from the few
-//! cloud-capable peers only. Nothing is O(N²) per tick.
+//! peer-table expiry is O(1) when nothing can expire; the membership machine builds election
+//! input from the few cloud-capable peers only. Nothing is O(N²) per tick.
 //!
 //! The simulator is one `Sim` with its `impl` spread over files by concern:
 //! - this file: the state types, construction and the event loop (`run`, `dispatch`);
 //! - `net`: reachability, link latency and RPC accounting;
 //! - `membership`: boot, crash, leave, churn and scripted scenario events;
-//! - `gossip`: mesh upkeep, adverts (build, publish, receive, forward) and the election;
+//! - `gossip`: mesh upkeep, the tick, and driving each node's
+//!   `swarm_protocol::membership::Membership` (its adverts published and forwarded, adverts
+//!   received, gateway changes counted);
 //! - `query`: query arrival, the local answer, the worker queue, the first route decision and
 //!   the final answer;
 //! - `vote`: the coordinator's side of a query, driving `swarm_protocol::query::Coordinator`;
@@ -43,10 +45,9 @@ use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use swarm_protocol::membership::{LocalState, Membership as MembershipMachine, MembershipConfig};
 use swarm_protocol::query::Coordinator;
-use swarm_protocol::{
-    Advert, Election, ElectionConfig, PeerTable, Privacy, RouteOverride, Thresholds, VoterRecord,
-};
+use swarm_protocol::{Advert, Capacity, ElectionConfig, Privacy, RouteOverride, Thresholds, VoterRecord};
 
 use crate::models::{splitmix, Bank, CacheError, SimAnswer};
 use crate::queue::EventQueue;
@@ -95,13 +96,15 @@ struct Node {
     mem_mb: u64,
     cloud: Option<CloudAccess>,
     // soft state
-    table: PeerTable,
-    election: Election,
-    seq: u64,
-    /// Peers whose adverts matter to the election (cloud-capable or claiming).
-    relevant: BTreeSet<u32>,
-    /// XOR of slot hashes in the peer table: cheap equality check against the live set.
+    /// The protocol's membership machine (peer table, election, when to advertise).
+    mem: MembershipMachine,
+    /// XOR of slot hashes of this node and its peer table: cheap equality check against the
+    /// live set.
     set_hash: u64,
+    /// Ticks since boot; mesh upkeep runs once per advert interval.
+    ticks: u64,
+    /// Busy time per tick window over the last advert interval (the advertised CPU load).
+    busy_ring: [u64; 4],
     mesh: Vec<u32>,
     busy_until: u64,
     queue: u32,
@@ -117,8 +120,6 @@ struct GossipSlot {
     /// Seq and arrival time of the earliest delivery already scheduled to this node.
     pend_seq: u64,
     pend_at: u64,
-    /// The node holds this origin in its `relevant` set (mirrored here to keep lookups hot).
-    relevant: bool,
 }
 
 /// An advert as it travels: shared by every copy in flight and every table holding it.
@@ -127,8 +128,6 @@ struct AdvMsg {
     seq: u64,
     advert: Arc<Advert>,
     bytes: u32,
-    /// Carries cloud status or a claim, so receivers re-run their election.
-    relevant: bool,
 }
 
 /// Sim-side payload of a vote reply: the wire bytes plus ground truth the coordinator may not read
@@ -337,6 +336,24 @@ fn peer_id(slot: usize) -> String {
     s
 }
 
+/// A node's state before it boots (never advertised).
+fn idle_state() -> LocalState {
+    LocalState {
+        name: String::new(),
+        version: String::new(),
+        addrs: Vec::new(),
+        models: Vec::new(),
+        capacity: Capacity {
+            cores: 1,
+            cpu_load: 0.0,
+            mem_free_mb: 0,
+            queue: 0,
+            max_concurrency: 1,
+        },
+        cloud: None,
+    }
+}
+
 fn slot_hash(slot: u32) -> u64 {
     splitmix(u64::from(slot) ^ 0xA5A5_5A5A_F00D_CAFE)
 }
@@ -439,6 +456,14 @@ impl Sim {
         Ok(sim)
     }
 
+    fn membership_cfg(&self) -> MembershipConfig {
+        MembershipConfig {
+            advert_interval_ms: self.sc.timing.advert_interval_ms,
+            missed_adverts: self.sc.timing.advert_missed,
+            election: self.election_cfg,
+        }
+    }
+
     fn make_node(&mut self, slot: usize) -> Node {
         let sc = &self.sc;
         let total_share: f64 = sc.models.iter().map(|m| m.share).sum();
@@ -479,11 +504,10 @@ impl Sim {
             cores,
             mem_mb,
             cloud,
-            table: PeerTable::new(sc.timing.advert_interval_ms, sc.timing.advert_missed),
-            election: Election::new(self.ids[slot].clone(), self.election_cfg, 0),
-            seq: 0,
-            relevant: BTreeSet::new(),
+            mem: MembershipMachine::new(self.ids[slot].clone(), self.membership_cfg(), idle_state(), 0, 0),
             set_hash: 0,
+            ticks: 0,
+            busy_ring: [0; 4],
             mesh: Vec::new(),
             busy_until: 0,
             queue: 0,

@@ -132,7 +132,7 @@ impl Sim {
             live_voters: self.live_voters_of(q.coord),
             safety_flag: q.safety,
             route_override: self.route_override,
-            gateway_available: n.election.current().is_some(),
+            gateway_available: n.mem.election().current().is_some(),
         }
     }
 

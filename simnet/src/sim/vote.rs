@@ -22,7 +22,7 @@ impl Sim {
     pub(super) fn live_voters_of(&self, coord: u32) -> usize {
         let n = &self.nodes[coord as usize];
         live_voters(
-            n.table.live().map(|e| e.advert.as_ref()),
+            n.mem.table().live().map(|e| e.advert.as_ref()),
             &self.ids[coord as usize],
         )
     }
@@ -36,7 +36,11 @@ impl Sim {
         let question = self.question(q).clone();
         let me = self.ids[coord as usize].clone();
         let candidates: Vec<VoterCandidate> = voter_candidates(
-            self.nodes[coord as usize].table.live().map(|e| e.advert.as_ref()),
+            self.nodes[coord as usize]
+                .mem
+                .table()
+                .live()
+                .map(|e| e.advert.as_ref()),
             &me,
         );
         let inputs = self.inputs(q, 0.0);
