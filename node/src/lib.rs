@@ -3,6 +3,7 @@
 //! router (local → vote → cloud) and the OpenAI-compatible HTTP API.
 //! `node` wires them together; see `router` for the query path.
 
+pub mod admission;
 pub mod api;
 pub mod cloud;
 pub mod confidence;

@@ -42,21 +42,7 @@ pub enum NodeError {
 /// running nodes can never share an identity by accident.
 pub fn load_identity(path: &Path) -> Result<(Keypair, std::fs::File), NodeError> {
     let err = |m: String| NodeError::Identity(m);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
-    }
-    let key = if path.exists() {
-        let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
-        Keypair::from_protobuf_encoding(&bytes)
-            .map_err(|e| err(format!("{} is not an identity key: {e}", path.display())))?
-    } else {
-        let k = Keypair::generate_ed25519();
-        let bytes = k
-            .to_protobuf_encoding()
-            .map_err(|e| err(format!("cannot encode key: {e}")))?;
-        write_private(path, &bytes).map_err(|e| err(format!("cannot write {}: {e}", path.display())))?;
-        k
-    };
+    let key = load_or_create_key(path)?;
     let lock = std::fs::OpenOptions::new()
         .read(true)
         .open(path)
@@ -68,6 +54,27 @@ pub fn load_identity(path: &Path) -> Result<(Keypair, std::fs::File), NodeError>
             path.display()
         ))),
         Err(std::fs::TryLockError::Error(e)) => Err(err(format!("cannot lock {}: {e}", path.display()))),
+    }
+}
+
+/// Load (or create, mode 0600) an ed25519 identity key without locking it: for reading a
+/// node's peer id, even while that node runs.
+pub fn load_or_create_key(path: &Path) -> Result<Keypair, NodeError> {
+    let err = |m: String| NodeError::Identity(m);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    if path.exists() {
+        let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+        Keypair::from_protobuf_encoding(&bytes)
+            .map_err(|e| err(format!("{} is not an identity key: {e}", path.display())))
+    } else {
+        let k = Keypair::generate_ed25519();
+        let bytes = k
+            .to_protobuf_encoding()
+            .map_err(|e| err(format!("cannot encode key: {e}")))?;
+        write_private(path, &bytes).map_err(|e| err(format!("cannot write {}: {e}", path.display())))?;
+        Ok(k)
     }
 }
 

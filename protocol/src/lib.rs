@@ -4,6 +4,7 @@
 //! base58 libp2p `PeerId` text, and every decision (membership, gateway election, vote tally,
 //! routing) is a plain function or state machine that tests and the simulator drive directly.
 
+pub mod admission;
 pub mod codec;
 pub mod election;
 pub mod membership;
@@ -15,6 +16,9 @@ pub mod task;
 pub mod text;
 pub mod vote;
 
+pub use admission::{
+    Admission, AdmissionError, Certificate, JoinToken, Revocations, Revoked, Role, SwarmId, SwarmKey,
+};
 pub use codec::{decode, decode_msg, encode, encode_msg, CodecError, WireMessage};
 pub use election::{
     capacity_score, rank_cmp, Candidate, Candidates, ChangeReason, Election, ElectionConfig, GatewayChange,

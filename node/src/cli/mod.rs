@@ -7,6 +7,7 @@ mod local;
 mod models;
 mod node;
 mod safety;
+mod swarm;
 mod tools;
 
 use std::path::PathBuf;
@@ -44,6 +45,9 @@ pub(crate) enum Command {
     Query(node::QueryArgs),
     /// List a running node's peers and the gateway.
     Peers(node::PeersArgs),
+    /// Keyed swarms: create a swarm key, invite nodes, revoke them; print a node's peer id.
+    #[command(subcommand)]
+    Swarm(swarm::SwarmCmd),
     /// Serve models over the OpenAI-compatible API with no swarm (e.g. the cloud stand-in).
     Serve(tools::ServeArgs),
     /// Measure vote overhead among three nodes on loopback (p50/p95 over many votes).
@@ -139,6 +143,7 @@ impl Cli {
             Command::Models(_)
             | Command::Query(_)
             | Command::Peers(_)
+            | Command::Swarm(_)
             | Command::SafetyEval(_)
             | Command::Calibrate(_) => None,
         }
@@ -169,6 +174,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Start(a) => node::start(a),
         Command::Query(a) => node::query(a),
         Command::Peers(a) => node::peers(a),
+        Command::Swarm(c) => swarm::run(c),
         Command::Serve(a) => tools::serve(a),
         Command::BenchVote(a) => tools::bench_vote(a),
         Command::Eval(a) => eval::eval(a),
