@@ -32,6 +32,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const SAVE_EVERY: Duration = Duration::from_secs(5);
 /// Peer ids of other namespaces remembered (so they are not redialled).
 const MAX_FOREIGN: usize = 1024;
+/// QUIC idle timeout and keep-alive: a peer killed without closing its
+/// connections is noticed after this much silence (libp2p's default is 10 s),
+/// so requests in flight to it fail and are retried elsewhere sooner. With a
+/// keep-alive every second, five lost in a row are needed on a live link.
+const QUIC_IDLE_MS: u32 = 5_000;
+const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(1);
 
 struct Bootstrap {
     addr: Multiaddr,
@@ -69,10 +75,19 @@ fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> BoxError {
 fn build_swarm(key: Keypair, cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
     let setup = |e: String| NetError::Setup(e);
     let idle = cfg.idle_timeout;
+    // QUIC's own per-connection stream cap: the request-response protocols'
+    // limit each, plus room for gossipsub, identify and ping.
+    let quic_streams =
+        u32::try_from(cfg.limits.max_streams.saturating_mul(3).saturating_add(16)).unwrap_or(u32::MAX);
     let swarm = match cfg.transport {
         TransportKind::Quic => libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
-            .with_quic()
+            .with_quic_config(|mut q| {
+                q.max_idle_timeout = QUIC_IDLE_MS;
+                q.keep_alive_interval = QUIC_KEEP_ALIVE;
+                q.max_concurrent_stream_limit = quic_streams;
+                q
+            })
             .with_behaviour(|k| Behaviour::new(k, cfg).map_err(boxed))
             .map_err(|e| setup(e.to_string()))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
