@@ -41,6 +41,20 @@ pub struct NodeConfig {
     pub bootstrap: Vec<String>,
     /// Discover peers on the LAN with mDNS.
     pub mdns: bool,
+    /// Connected peers to dial towards, from adverts, mDNS and the peers file
+    /// (bootstrap and mDNS peers are dialled regardless); 0 = none.
+    pub target_peers: usize,
+    /// File of peers this node reached, read at start so it rejoins without its
+    /// bootstrap; empty = beside the identity key (`<identity>.peers.json`).
+    pub peers_file: String,
+    /// Established connections in all (incoming ones: all but `target_peers`).
+    pub max_connections: u32,
+    /// Established connections per peer.
+    pub max_connections_per_peer: u32,
+    /// Connections being set up, per direction.
+    pub max_pending_connections: u32,
+    /// Concurrent request-response streams per connection and protocol.
+    pub max_streams_per_connection: usize,
     /// Period of capacity adverts, ms. A peer is dropped after `missed_adverts` periods of silence.
     pub advert_interval_ms: u64,
     pub missed_adverts: u32,
@@ -117,6 +131,12 @@ impl Default for NodeConfig {
             http: "127.0.0.1:8080".into(),
             bootstrap: Vec::new(),
             mdns: true,
+            target_peers: 8,
+            peers_file: String::new(),
+            max_connections: 128,
+            max_connections_per_peer: 2,
+            max_pending_connections: 32,
+            max_streams_per_connection: 32,
             advert_interval_ms: 1000,
             missed_adverts: 3,
             queue: 16,
@@ -229,6 +249,20 @@ impl NodeConfig {
         if self.missed_adverts == 0 {
             return bad("missed_adverts must be at least 1".into());
         }
+        if self.max_connections == 0
+            || self.max_connections_per_peer == 0
+            || self.max_pending_connections == 0
+            || self.max_streams_per_connection == 0
+        {
+            return bad(
+                "max_connections, max_connections_per_peer, max_pending_connections and \
+                 max_streams_per_connection must be at least 1"
+                    .into(),
+            );
+        }
+        if self.target_peers >= self.max_connections as usize {
+            return bad("target_peers must be below max_connections".into());
+        }
         if self.queue == 0 {
             return bad("queue must be at least 1".into());
         }
@@ -321,6 +355,8 @@ mod tests {
         for (text, key) in [
             ("namespace = \"a b\"", "namespace"),
             ("advert_interval_ms = 1", "advert_interval_ms"),
+            ("target_peers = 200", "target_peers"),
+            ("max_streams_per_connection = 0", "max_streams_per_connection"),
             ("[routing]\ntau_local = 1.5", "tau_local"),
             ("[cloud]\nbase_url = \"ftp://x\"\nmodel = \"m\"", "base_url"),
             ("unknown_key = 1", "unknown"),

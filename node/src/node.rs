@@ -155,6 +155,23 @@ impl Node {
             request_timeout: Duration::from_millis(cfg.request_timeout_ms.max(1000)),
             idle_timeout: Duration::from_secs(120),
             heartbeat: Duration::from_millis((cfg.advert_interval_ms / 2).clamp(100, 1000)),
+            target_peers: cfg.target_peers,
+            limits: network::Limits {
+                max_connections: cfg.max_connections,
+                max_connections_per_peer: cfg.max_connections_per_peer,
+                max_pending: cfg.max_pending_connections,
+                max_streams: cfg.max_streams_per_connection,
+            },
+            // Only a node with a persistent (locked) identity on a real transport
+            // keeps a peers file: memory swarms and throwaway keys write nothing.
+            peers_file: match (opts.transport, &opts.identity_lock) {
+                (TransportKind::Quic, Some(_)) if cfg.peers_file.is_empty() => Some(
+                    cfg.identity_path(&crate::models::home_dir())
+                        .with_extension("peers.json"),
+                ),
+                (TransportKind::Quic, Some(_)) => Some(cfg.peers_file.clone().into()),
+                _ => None,
+            },
         };
         let (net, events) = network::spawn(opts.key, net_cfg)?;
         let models = Arc::new(LocalModels::spawn(

@@ -1,9 +1,11 @@
 //! The network actor: the only owner of the libp2p `Swarm`. It turns commands
 //! into swarm calls, swarm events into [`NetEvent`]s, validates adverts in
-//! gossipsub, dials mDNS and bootstrap peers (with retry and backoff), and keeps
-//! peers of other namespaces away.
+//! gossipsub, dials mDNS and bootstrap peers (with retry and backoff) and the
+//! peers it hears of (see [`super::peers`]) towards a target degree, keeps the
+//! peers file, and keeps peers of other namespaces away.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -13,17 +15,29 @@ use libp2p::core::ConnectedPoint;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
 use libp2p::identity::Keypair;
 use libp2p::request_response::{self, OutboundRequestId};
-use libp2p::swarm::dial_opts::DialOpts;
-use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{identify, mdns, noise, yamux, Multiaddr, PeerId, Swarm, Transport};
 use swarm_protocol::{decode_msg, Advert, ErrorCode, EscalateReply, QueryReply, VoteReply, WireError};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use super::behaviour::{identify_version, Behaviour, BehaviourEvent};
+use super::peers::{self, PeerBook, MAX_KNOWN_PEERS};
 use super::{Command, NetConfig, NetError, NetEvent, NetworkHandle, Reply, TransportKind};
 
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The peers file is rewritten at most this often (and at shutdown).
+const SAVE_EVERY: Duration = Duration::from_secs(5);
+/// Peer ids of other namespaces remembered (so they are not redialled).
+const MAX_FOREIGN: usize = 1024;
+/// QUIC idle timeout and keep-alive: a peer killed without closing its
+/// connections is noticed after this much silence (libp2p's default is 10 s),
+/// so requests in flight to it fail and are retried elsewhere sooner. With a
+/// keep-alive every second, five lost in a row are needed on a live link.
+const QUIC_IDLE_MS: u32 = 5_000;
+const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(1);
 
 struct Bootstrap {
     addr: Multiaddr,
@@ -39,6 +53,12 @@ struct Actor {
     topic: IdentTopic,
     events: mpsc::Sender<NetEvent>,
     bootstrap: Vec<Bootstrap>,
+    book: PeerBook,
+    peers_file: Option<PathBuf>,
+    /// The peers file's content differs from the book's.
+    save_due: bool,
+    last_save: Option<Instant>,
+    saving: Option<JoinHandle<()>>,
     foreign: HashSet<PeerId>,
     listen_addrs: Vec<Multiaddr>,
     votes: HashMap<OutboundRequestId, (PeerId, Reply<VoteReply>)>,
@@ -55,10 +75,19 @@ fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> BoxError {
 fn build_swarm(key: Keypair, cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
     let setup = |e: String| NetError::Setup(e);
     let idle = cfg.idle_timeout;
+    // QUIC's own per-connection stream cap: the request-response protocols'
+    // limit each, plus room for gossipsub, identify and ping.
+    let quic_streams =
+        u32::try_from(cfg.limits.max_streams.saturating_mul(3).saturating_add(16)).unwrap_or(u32::MAX);
     let swarm = match cfg.transport {
         TransportKind::Quic => libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
-            .with_quic()
+            .with_quic_config(|mut q| {
+                q.max_idle_timeout = QUIC_IDLE_MS;
+                q.keep_alive_interval = QUIC_KEEP_ALIVE;
+                q.max_concurrent_stream_limit = quic_streams;
+                q
+            })
             .with_behaviour(|k| Behaviour::new(k, cfg).map_err(boxed))
             .map_err(|e| setup(e.to_string()))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
@@ -108,14 +137,37 @@ pub fn spawn(key: Keypair, cfg: NetConfig) -> Result<(NetworkHandle, mpsc::Recei
             dialing: None,
         })
         .collect();
+    let mut book = PeerBook::new(local, cfg.transport, MAX_KNOWN_PEERS);
+    if let Some(path) = &cfg.peers_file {
+        match peers::load(path) {
+            Ok(list) => {
+                for (p, addrs) in &list {
+                    for a in book.add(*p, addrs, now) {
+                        swarm.add_peer_address(*p, a);
+                    }
+                }
+                if !list.is_empty() {
+                    tracing::info!("{} known peers from {}", book.len(), path.display());
+                }
+            }
+            // A damaged file must not stop the node: bootstrap and mDNS still work.
+            Err(e) => tracing::warn!("ignoring the peers file: {e}"),
+        }
+    }
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (ev_tx, ev_rx) = mpsc::channel(1024);
+    let cfg_peers_file = cfg.peers_file.clone();
     let actor = Actor {
         swarm,
         topic,
         cfg,
         events: ev_tx,
         bootstrap,
+        book,
+        peers_file: cfg_peers_file,
+        save_due: false,
+        last_save: None,
+        saving: None,
         foreign: HashSet::new(),
         listen_addrs: Vec::new(),
         votes: HashMap::new(),
@@ -142,6 +194,7 @@ impl Actor {
                 biased;
                 cmd = cmds.recv() => match cmd {
                     Some(Command::Shutdown(done)) => {
+                        self.save_now();
                         let _ = done.send(());
                         break;
                     }
@@ -149,7 +202,11 @@ impl Actor {
                     None => break,
                 },
                 ev = self.swarm.select_next_some() => self.swarm_event(ev),
-                _ = tick.tick() => self.redial_bootstrap(),
+                _ = tick.tick() => {
+                    self.redial_bootstrap();
+                    self.dial_known();
+                    self.maybe_save();
+                }
             }
         }
         tracing::debug!("network actor stopped");
@@ -193,8 +250,11 @@ impl Actor {
                 let _ = b.escalate.send_response(ch, r);
             }
             Command::AddAddrs(peer, addrs) => {
-                for a in addrs {
-                    self.swarm.add_peer_address(peer, a);
+                // Only addresses the book accepts (dialable, bounded) reach the swarm.
+                if !self.foreign.contains(&peer) {
+                    for a in self.book.add(peer, &addrs, Instant::now()) {
+                        self.swarm.add_peer_address(peer, a);
+                    }
                 }
             }
             Command::Dial(addr) => {
@@ -235,6 +295,79 @@ impl Actor {
         }
     }
 
+    /// Dial peers from the book while fewer than `target_peers` are connected
+    /// or being dialled; the book decides who is due (backoff per peer).
+    fn dial_known(&mut self) {
+        let target = self.cfg.target_peers;
+        if target == 0 || self.book.len() == 0 {
+            return;
+        }
+        let busy = self.swarm.connected_peers().count()
+            + self.book.dialing()
+            + self.bootstrap.iter().filter(|b| b.dialing.is_some()).count();
+        let want = target.saturating_sub(busy);
+        if want == 0 {
+            return;
+        }
+        let (swarm, foreign) = (&self.swarm, &self.foreign);
+        let due = self.book.due(Instant::now(), want, |p| {
+            swarm.is_connected(p) || foreign.contains(p)
+        });
+        for (peer, addrs) in due {
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            let id = opts.connection_id();
+            self.book.dial_started(&peer, id);
+            match self.swarm.dial(opts) {
+                Ok(()) => tracing::debug!("dialling known peer {peer}"),
+                // Someone else (a request, mDNS) is dialling it already: not a failure.
+                Err(DialError::DialPeerConditionFalse(_)) => self.book.dial_skipped(&peer),
+                Err(e) => {
+                    tracing::debug!("dial {peer}: {e}");
+                    self.book.dial_failed(id);
+                }
+            }
+        }
+    }
+
+    /// Rewrite the peers file in the background when it is out of date, at most every [`SAVE_EVERY`].
+    fn maybe_save(&mut self) {
+        if self.book.take_dirty() {
+            self.save_due = true;
+        }
+        let Some(path) = self.peers_file.clone() else {
+            return;
+        };
+        let recent = self.last_save.is_some_and(|t| t.elapsed() < SAVE_EVERY);
+        let busy = self.saving.as_ref().is_some_and(|h| !h.is_finished());
+        if !self.save_due || recent || busy {
+            return;
+        }
+        self.save_due = false;
+        self.last_save = Some(Instant::now());
+        let bytes = peers::encode(&self.book.saved());
+        self.saving = Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = peers::write_atomic(&path, &bytes) {
+                tracing::warn!("{e}");
+            }
+        }));
+    }
+
+    /// At shutdown: write the peers file now if it is out of date.
+    fn save_now(&mut self) {
+        if self.book.take_dirty() {
+            self.save_due = true;
+        }
+        if let (Some(path), true) = (&self.peers_file, self.save_due) {
+            if let Err(e) = peers::write_atomic(path, &peers::encode(&self.book.saved())) {
+                tracing::warn!("{e}");
+            }
+            self.save_due = false;
+        }
+    }
+
     fn swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
@@ -262,6 +395,11 @@ impl Actor {
                         b.backoff = BACKOFF_MIN;
                     }
                 }
+                let via = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => Some(address),
+                    ConnectedPoint::Listener { .. } => None,
+                };
+                self.book.connected(&peer_id, via, Instant::now());
                 if num_established.get() == 1 {
                     let _ = self.emit(NetEvent::Connected(peer_id));
                 }
@@ -275,6 +413,7 @@ impl Actor {
                 for b in self.bootstrap.iter_mut().filter(|b| b.peer == Some(peer_id)) {
                     b.next_try = now + b.backoff;
                 }
+                self.book.disconnected(&peer_id, now);
                 let _ = self.emit(NetEvent::Disconnected(peer_id));
             }
             SwarmEvent::OutgoingConnectionError {
@@ -287,6 +426,9 @@ impl Actor {
                 {
                     tracing::debug!("bootstrap {} unreachable: {error}", b.addr);
                     b.dialing = None;
+                }
+                if let Some(p) = self.book.dial_failed(connection_id) {
+                    tracing::debug!("known peer {p} unreachable: {error}");
                 }
             }
             SwarmEvent::Behaviour(ev) => self.behaviour_event(ev),
@@ -340,6 +482,7 @@ impl Actor {
                     for a in &addrs {
                         self.swarm.add_peer_address(p, a.clone());
                     }
+                    self.book.add(p, &addrs, Instant::now());
                     if !self.swarm.is_connected(&p) {
                         let opts = DialOpts::peer_id(p).addresses(addrs).build();
                         if let Err(e) = self.swarm.dial(opts) {
@@ -353,15 +496,30 @@ impl Actor {
                 if info.protocol_version != identify_version(&self.cfg.namespace) {
                     // Another swarm (or another program) on the same LAN: keep apart.
                     tracing::debug!("{peer_id} speaks {}, not our namespace", info.protocol_version);
+                    if self.foreign.len() >= MAX_FOREIGN {
+                        if let Some(old) = self.foreign.iter().next().copied() {
+                            self.foreign.remove(&old);
+                        }
+                    }
                     self.foreign.insert(peer_id);
+                    self.book.remove(&peer_id);
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
-                for a in info.listen_addrs {
+                let listen: Vec<Multiaddr> = info
+                    .listen_addrs
+                    .into_iter()
+                    .take(swarm_protocol::MAX_ADDRS)
+                    .collect();
+                let now = Instant::now();
+                for a in self.book.add(peer_id, &listen, now) {
                     self.swarm.add_peer_address(peer_id, a);
                 }
+                // Identify runs over a live connection: an inbound-only peer counts as reached too.
+                self.book.connected(&peer_id, None, now);
             }
             BehaviourEvent::Identify(_) | BehaviourEvent::Ping(_) => {}
+            BehaviourEvent::Limits(never) => match never {},
             BehaviourEvent::Vote(ev) => {
                 if let Some((peer, req, channel)) = rr_event(ev, &mut self.votes) {
                     if let Err(ev) = self.emit(NetEvent::Vote { peer, req, channel }) {

@@ -1,6 +1,7 @@
-//! The composed libp2p behaviour: gossipsub for adverts, mDNS, identify, ping,
-//! and three request-response protocols (query, vote, escalate), all named
-//! with the swarm's namespace so two swarms on one LAN never mix.
+//! The composed libp2p behaviour: connection limits, gossipsub for adverts,
+//! mDNS, identify, ping, and three request-response protocols (query, vote,
+//! escalate) with bounded concurrent streams, all named with the swarm's
+//! namespace so two swarms on one LAN never mix.
 
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
@@ -9,7 +10,7 @@ use libp2p::identity::Keypair;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{gossipsub, identify, mdns, ping, StreamProtocol};
+use libp2p::{connection_limits, gossipsub, identify, mdns, ping, StreamProtocol};
 use swarm_protocol::codec::MAX_ADVERT_BYTES;
 use swarm_protocol::{EscalateReply, EscalateRequest, QueryReply, QueryRequest, VoteReply, VoteRequest};
 
@@ -22,6 +23,8 @@ pub type EscalateCodec = WireCodec<EscalateRequest, EscalateReply>;
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// First, so a connection over the limits is refused before any other behaviour sees it.
+    pub limits: connection_limits::Behaviour,
     pub gossipsub: gossipsub::Behaviour,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     pub identify: identify::Behaviour,
@@ -77,12 +80,28 @@ impl Behaviour {
                 .with_agent_version(format!("slm-swarm/{}", env!("CARGO_PKG_VERSION"))),
         );
         let ping = ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5)));
-        let rr_cfg = request_response::Config::default().with_request_timeout(cfg.request_timeout);
+        let rr_cfg = request_response::Config::default()
+            .with_request_timeout(cfg.request_timeout)
+            .with_max_concurrent_streams(cfg.limits.max_streams.max(1));
+        let l = cfg.limits;
+        let limits = connection_limits::Behaviour::new(
+            connection_limits::ConnectionLimits::default()
+                .with_max_established(Some(l.max_connections))
+                .with_max_established_incoming(Some(
+                    l.max_connections
+                        .saturating_sub(u32::try_from(cfg.target_peers).unwrap_or(u32::MAX))
+                        .max(1),
+                ))
+                .with_max_established_per_peer(Some(l.max_connections_per_peer.max(1)))
+                .with_max_pending_incoming(Some(l.max_pending.max(1)))
+                .with_max_pending_outgoing(Some(l.max_pending.max(1))),
+        );
         let proto = |name: &str| -> Result<StreamProtocol, NetError> {
             StreamProtocol::try_from_owned(cfg.protocol(name))
                 .map_err(|e| setup(format!("protocol name: {e}")))
         };
         Ok(Self {
+            limits,
             gossipsub,
             mdns,
             identify,

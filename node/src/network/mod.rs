@@ -2,12 +2,16 @@
 //! to it through a cloneable [`NetworkHandle`] (bounded command channel, oneshot
 //! replies) and receives what the network delivers as [`NetEvent`]s.
 //! QUIC (TLS 1.3) on real nodes, libp2p's memory transport for in-process
-//! swarms (simnet's real tier); mDNS for the LAN, bootstrap peers elsewhere.
+//! swarms (simnet's real tier); mDNS for the LAN, bootstrap peers elsewhere,
+//! and peers heard of in adverts (or remembered in the peers file) dialled
+//! towards a target degree, so the mesh outlives any one bootstrap node.
 
 pub mod actor;
 pub mod behaviour;
 pub mod codec;
+pub mod peers;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use libp2p::request_response::ResponseChannel;
@@ -54,6 +58,39 @@ pub struct NetConfig {
     pub idle_timeout: Duration,
     /// Gossipsub heartbeat.
     pub heartbeat: Duration,
+    /// Connected peers this node dials towards, from adverts, mDNS and the
+    /// peers file (bootstrap and mDNS peers are dialled regardless); 0 = none.
+    pub target_peers: usize,
+    pub limits: Limits,
+    /// Where known peers are kept across restarts; `None` = nowhere (memory
+    /// swarms and throwaway identities write no file).
+    pub peers_file: Option<PathBuf>,
+}
+
+/// Connection and stream limits (libp2p `connection_limits`, request-response).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Established connections in all; incoming ones may take all but
+    /// `target_peers` of them, so inbound floods never stop our own dials.
+    pub max_connections: u32,
+    /// Established connections per peer (2: two peers dialling each other at
+    /// once must not both be refused).
+    pub max_connections_per_peer: u32,
+    /// Connections being set up, per direction.
+    pub max_pending: u32,
+    /// Concurrent request-response streams per connection and protocol.
+    pub max_streams: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 128,
+            max_connections_per_peer: 2,
+            max_pending: 32,
+            max_streams: 32,
+        }
+    }
 }
 
 impl NetConfig {
