@@ -189,6 +189,7 @@ impl Node {
         }));
         let semantic = Arc::new(Semantic::new(&cfg.routing.embedder));
         let metrics = Arc::new(Metrics::new());
+        let (unreachable_tx, unreachable_rx) = tokio::sync::mpsc::channel(64);
         let router = Router::new(RouterParts {
             me: me.clone(),
             name: name.clone(),
@@ -202,6 +203,7 @@ impl Node {
             gateway: gateway.clone(),
             semantic: semantic.clone(),
             metrics: metrics.clone(),
+            unreachable: unreachable_tx,
         });
         let serving = router.clone();
         let membership = Membership::new(MembershipParts {
@@ -215,6 +217,8 @@ impl Node {
             net: net.clone(),
             view_tx,
             on_request: Box::new(move |ev| serving.serve(ev)),
+            admission: None,
+            unreachable: unreachable_rx,
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let task = tokio::spawn(membership.run(events, shutdown_rx));

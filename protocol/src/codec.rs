@@ -206,6 +206,7 @@ mod tests {
                 since_ms: 1234,
             }),
             sent_ms: 99,
+            cert: None,
         }
     }
 

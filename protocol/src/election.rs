@@ -23,11 +23,26 @@
 //!
 //! Terms never decrease: a node's own election uses `max(every term seen in adverts, own) + 1`;
 //! adopting a claim takes the claim's term if higher (so nodes agree on (gateway, term) pairs).
+//!
+//! **Honest terms and ranks** (a peer may lie): adverts with a term above [`MAX_TERM`] are
+//! invalid; once a node knows a term, claims more than [`MAX_TERM_STEP`] above it are ignored
+//! (neither adopted nor counted), so one forged `term: u64::MAX` cannot take the role for good,
+//! and terms grow with `checked_add`. Self-reported priority and capacity are clamped before
+//! ranking. Who may be a candidate at all is decided by the caller (in a keyed swarm only
+//! certificate holders with the cloud role; see `membership`).
 
 use std::cmp::Ordering;
 
 use crate::message::{Advert, Capacity, GatewayClaim};
 use crate::peers::PeerTable;
+
+/// No honest swarm reaches this term (one election a millisecond for 8,900 years).
+pub const MAX_TERM: u64 = 1 << 48;
+/// How far above the highest known term a claim may be and still count. Honest terms grow by
+/// one per election; partitions that elect more than this many times apart need an operator.
+pub const MAX_TERM_STEP: u64 = 1_000;
+/// Operator priorities are small numbers; anything beyond is clamped.
+pub const MAX_PRIORITY: i32 = 1_000;
 
 /// Coarse score of a candidate's spare capacity; higher is better.
 ///
@@ -40,8 +55,9 @@ pub fn capacity_score(c: &Capacity) -> u32 {
     } else {
         1.0
     };
-    let free_half_cores = (c.cores as f32 * (1.0 - load) * 2.0).floor() as u32;
-    let free_slots = c.max_concurrency.saturating_sub(c.queue);
+    // Clamped to what an edge device can have: a liar's u32::MAX cores must not outrank all.
+    let free_half_cores = (c.cores.min(256) as f32 * (1.0 - load) * 2.0).floor() as u32;
+    let free_slots = c.max_concurrency.min(64).saturating_sub(c.queue);
     let free_gib = (c.mem_free_mb / 1024).min(32) as u32;
     free_half_cores
         .saturating_add(free_slots)
@@ -67,7 +83,7 @@ impl Candidate {
         }
         Some(Candidate {
             peer: a.peer.clone(),
-            priority: cloud.priority,
+            priority: cloud.priority.clamp(-MAX_PRIORITY, MAX_PRIORITY),
             score: capacity_score(&a.capacity),
             claim: a.gateway,
         })
@@ -238,13 +254,28 @@ impl Election {
     /// Re-evaluates the role from the current candidates; call on every relevant advert and
     /// periodically (hysteresis and confirmation need time to pass).
     pub fn update(&mut self, cands: &Candidates, now_ms: u64) -> Option<GatewayChange> {
-        self.term = self.term.max(cands.max_term);
+        let bound = self.term_bound();
+        let bounded = |cl: &GatewayClaim| cl.term <= bound;
+        if cands.max_term <= bound {
+            self.term = self.term.max(cands.max_term);
+        } else {
+            // Some claim is out of bounds: count only the ones within.
+            let max_ok = cands
+                .list
+                .iter()
+                .filter_map(|c| c.claim)
+                .filter(bounded)
+                .map(|cl| cl.term)
+                .max()
+                .unwrap_or(0);
+            self.term = self.term.max(max_ok);
+        }
 
         // Strongest live claim: highest term, then best rank.
         let leader = cands
             .list
             .iter()
-            .filter_map(|c| c.claim.map(|cl| (c, cl)))
+            .filter_map(|c| c.claim.filter(bounded).map(|cl| (c, cl)))
             .max_by(|(a, ca), (b, cb)| ca.term.cmp(&cb.term).then_with(|| rank_cmp(b, a)));
 
         let incumbent = self
@@ -264,7 +295,7 @@ impl Election {
             let me = self.me.as_str();
             let mut unconfirmed = None;
             if let Some(c) = self.current.as_mut() {
-                if let Some(cl) = inc.claim {
+                if let Some(cl) = inc.claim.filter(bounded) {
                     // Our gateway confirms; take its term if it is ahead of ours.
                     c.unconfirmed_since = None;
                     c.term = c.term.max(cl.term);
@@ -280,6 +311,15 @@ impl Election {
             return self.consider_challenge(cands, inc, now_ms);
         }
         self.replace_gone(cands, leader, now_ms)
+    }
+
+    /// Highest claim term this node accepts now.
+    fn term_bound(&self) -> u64 {
+        if self.term == 0 {
+            MAX_TERM
+        } else {
+            self.term.saturating_add(MAX_TERM_STEP).min(MAX_TERM)
+        }
     }
 
     /// Rule 2: only this node may challenge a live incumbent, after hysteresis.
@@ -366,7 +406,8 @@ impl Election {
     }
 
     fn elect(&mut self, c: &Candidate, now_ms: u64, reason: ChangeReason) -> GatewayChange {
-        self.term += 1;
+        // Cannot overflow (terms are capped at MAX_TERM); checked all the same.
+        self.term = self.term.checked_add(1).unwrap_or(self.term).min(MAX_TERM);
         let previous = self.current.take().map(|c| c.peer);
         let unconfirmed_since = (c.peer != self.me).then_some(now_ms);
         self.current = Some(Current {
@@ -419,6 +460,7 @@ mod tests {
             }),
             gateway: None,
             sent_ms: 0,
+            cert: None,
         }
     }
 
@@ -746,5 +788,50 @@ mod tests {
             .update(&Candidates::from_adverts([&old, &adv("a", 0, 1)]), 1_000)
             .expect("choose");
         assert_eq!(ch.term, 42);
+    }
+
+    #[test]
+    fn a_forged_term_far_above_the_known_one_is_ignored() {
+        use crate::message::GatewayClaim;
+        use crate::message::Validate;
+        let mut e = Election::new("me", CFG, 0);
+        let mut g = adv("g", 1, 2);
+        g.gateway = Some(GatewayClaim { term: 5, since_ms: 0 });
+        let cands = Candidates::from_adverts([&g]);
+        e.update(&cands, 0);
+        assert_eq!(e.current().map(|c| (c.0, c.1)), Some(("g", 5)));
+        // u64::MAX does not even pass validation.
+        let mut liar = adv("liar", i32::MAX, u32::MAX);
+        liar.gateway = Some(GatewayClaim {
+            term: u64::MAX,
+            since_ms: 0,
+        });
+        assert!(liar.validate().is_err());
+        // Within the wire cap but far beyond the known term: neither adopted nor counted.
+        liar.gateway = Some(GatewayClaim {
+            term: MAX_TERM,
+            since_ms: 0,
+        });
+        let cands = Candidates::from_adverts([&g, &liar]);
+        for t in 0..20 {
+            e.update(&cands, 100 + t * 1_000);
+        }
+        assert_eq!(e.current().map(|c| (c.0, c.1)), Some(("g", 5)));
+        assert_eq!(e.term(), 5);
+        // A claim a few terms ahead (a healed partition) still wins.
+        liar.gateway = Some(GatewayClaim { term: 9, since_ms: 0 });
+        let cands = Candidates::from_adverts([&g, &liar]);
+        e.update(&cands, 30_000);
+        assert_eq!(e.current().map(|c| (c.0, c.1)), Some(("liar", 9)));
+    }
+
+    #[test]
+    fn self_reported_priority_and_capacity_are_clamped() {
+        let huge = Candidate::from_advert(&adv("a", i32::MAX, u32::MAX)).expect("candidate");
+        assert_eq!(huge.priority, MAX_PRIORITY);
+        let big = Candidate::from_advert(&adv("b", MAX_PRIORITY, 256)).expect("candidate");
+        assert_eq!(huge.score, big.score, "cores beyond 256 buy nothing");
+        // Equal after clamping: the tie goes to the peer id, not to the bigger lie.
+        assert_eq!(rank_cmp(&huge, &big), std::cmp::Ordering::Less);
     }
 }

@@ -19,10 +19,21 @@
 //!   so they do not re-run it. A node's own adverts heard back are ignored.
 //! - **Sequence numbers** are `max(previous + 1, wall clock ms)`, so a restarted node's adverts
 //!   are newer than the ones peers still hold.
+//! - **Keyed swarms** ([`Membership::keyed`]): an advert counts only if it carries a certificate
+//!   of this swarm for its author (verified once per certificate, then cached); only authors
+//!   whose certificate has the cloud role are election candidates (a member's claim or cloud
+//!   status is ignored). A new revocation list drops the peers it revokes. In an open swarm
+//!   every advert counts, as before.
+//! - **Bounded**: at most `max_peers` peers; adverts from further new peers are ignored (and
+//!   counted in [`Membership::rejected`]).
+//! - **Unreachable peers**: when a request to a peer fails at the network level (e.g. the
+//!   gateway during an escalation), [`InEvent::Unreachable`] drops it at once and ignores its
+//!   adverts for one expiry window, instead of waiting for them to stop.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use crate::admission::{Admission, Certificate, Revocations, Role, MAX_CLOCK_SKEW_MS};
 use crate::election::{Candidates, Election, ElectionConfig, GatewayChange};
 use crate::message::{Advert, Capacity, CloudStatus, ModelCard};
 use crate::peers::{PeerEvent, PeerTable};
@@ -34,7 +45,13 @@ pub struct MembershipConfig {
     /// A peer is dropped after this many advert intervals of silence.
     pub missed_adverts: u32,
     pub election: ElectionConfig,
+    /// Most peers held; see [`DEFAULT_MAX_PEERS`].
+    pub max_peers: usize,
 }
+
+/// Room for a large office or a city-scale simulation, small enough that a flood of fake
+/// identities cannot exhaust memory.
+pub const DEFAULT_MAX_PEERS: usize = 4_096;
 
 impl MembershipConfig {
     /// How often the driver should send [`InEvent::Tick`].
@@ -62,6 +79,10 @@ pub enum InEvent {
     Tick,
     /// This node's own state, freshly sampled (load, models, cloud status).
     Local(LocalState),
+    /// A request to this peer failed at the network level: drop it now.
+    Unreachable(String),
+    /// A signed revocation list (keyed swarms; ignored unless newer and valid).
+    Revocations(Revocations),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -122,6 +143,13 @@ pub struct Membership {
     /// Re-publish at the next tick: a decision change that came too soon after the last advert.
     pending: bool,
     own: Option<Arc<Advert>>,
+    /// Keyed swarm: the verifier and this node's own certificate.
+    admission: Option<(Admission, Certificate)>,
+    /// Keyed swarm: each peer's verified certificate and role (a cache: verify once).
+    roles: HashMap<String, (Certificate, Role)>,
+    /// Peers found unreachable, ignored until the time given.
+    suspended: BTreeMap<String, u64>,
+    rejected: u64,
 }
 
 impl Membership {
@@ -152,7 +180,32 @@ impl Membership {
             published_term: None,
             pending: false,
             own: None,
+            admission: None,
+            roles: HashMap::new(),
+            suspended: BTreeMap::new(),
+            rejected: 0,
         }
+    }
+
+    /// Makes this a keyed swarm's membership: adverts must carry a certificate `admission`
+    /// accepts, and this node's adverts carry `own`.
+    pub fn keyed(mut self, admission: Admission, own: Certificate) -> Self {
+        self.admission = Some((admission, own));
+        self
+    }
+
+    /// This node's role: `None` in an open swarm.
+    pub fn role(&self) -> Option<Role> {
+        self.admission.as_ref().map(|(_, c)| c.role)
+    }
+
+    /// Adverts ignored: no or a bad certificate, over the peer limit, or from a suspended peer.
+    pub fn rejected(&self) -> u64 {
+        self.rejected
+    }
+
+    fn wall_ms(&self, now_ms: u64) -> u64 {
+        self.wall0_ms.saturating_add(now_ms.saturating_sub(self.t0_ms))
     }
 
     pub fn me(&self) -> &str {
@@ -207,12 +260,82 @@ impl Membership {
                     self.maybe_publish(now_ms, false, &mut out);
                 }
             }
+            InEvent::Unreachable(peer) => {
+                if self.table.remove(&peer, now_ms).is_some() {
+                    self.relevant.remove(&peer);
+                    self.roles.remove(&peer);
+                    let until = now_ms.saturating_add(self.table.expiry_ms());
+                    self.suspended.insert(peer.clone(), until);
+                    out.push(OutEvent::Expired(vec![peer]));
+                    self.elect(now_ms, &mut out);
+                    self.maybe_publish(now_ms, false, &mut out);
+                }
+            }
+            InEvent::Revocations(list) => self.on_revocations(list, now_ms, &mut out),
         }
         out
     }
 
+    fn on_revocations(&mut self, list: Revocations, now_ms: u64, out: &mut Vec<OutEvent>) {
+        let wall = self.wall_ms(now_ms);
+        let Some((adm, _)) = self.admission.as_mut() else {
+            return;
+        };
+        if !matches!(adm.apply_revocations(list), Ok(true)) {
+            return;
+        }
+        let adm = &*adm;
+        let revoked: Vec<String> = self
+            .roles
+            .iter()
+            .filter(|(peer, (cert, _))| adm.verify(cert, peer, wall).is_err())
+            .map(|(peer, _)| peer.clone())
+            .collect();
+        let mut gone = Vec::new();
+        for peer in revoked {
+            self.roles.remove(&peer);
+            self.relevant.remove(&peer);
+            if self.table.remove(&peer, now_ms).is_some() {
+                gone.push(peer);
+            }
+        }
+        if !gone.is_empty() {
+            gone.sort();
+            out.push(OutEvent::Expired(gone));
+            self.elect(now_ms, out);
+            self.maybe_publish(now_ms, false, out);
+        }
+    }
+
+    /// Keyed swarm: the role `a`'s certificate gives its author, `None` if it does not admit it.
+    fn admit(&mut self, a: &Advert, now_ms: u64) -> Option<Role> {
+        let wall = self.wall_ms(now_ms);
+        let (adm, _) = self.admission.as_ref()?;
+        let cert = a.cert.as_ref()?;
+        if let Some((known, role)) = self.roles.get(&a.peer) {
+            if known == cert && wall <= cert.expires_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
+                return Some(*role);
+            }
+        }
+        let role = adm.verify(cert, &a.peer, wall).ok()?;
+        self.roles.insert(a.peer.clone(), (cert.clone(), role));
+        Some(role)
+    }
+
     fn on_advert(&mut self, a: Arc<Advert>, now_ms: u64, out: &mut Vec<OutEvent>) {
         if a.peer == self.me {
+            return;
+        }
+        if !self.suspended.is_empty() && self.suspended.get(&a.peer).is_some_and(|&t| now_ms < t) {
+            self.rejected += 1;
+            return;
+        }
+        if self.table.len() >= self.cfg.max_peers && !self.table.contains(&a.peer) {
+            self.rejected += 1;
+            return;
+        }
+        if self.admission.is_some() && self.admit(&a, now_ms).is_none() {
+            self.rejected += 1;
             return;
         }
         let is_relevant = relevant(&a);
@@ -246,8 +369,12 @@ impl Membership {
         if !gone.is_empty() {
             for p in &gone {
                 self.relevant.remove(p);
+                self.roles.remove(p);
             }
             out.push(OutEvent::Expired(gone));
+        }
+        if !self.suspended.is_empty() {
+            self.suspended.retain(|_, t| now_ms < *t);
         }
         self.elect(now_ms, out);
         let due = now_ms >= self.next_due_ms;
@@ -272,18 +399,27 @@ impl Membership {
             addrs: Vec::new(),
             models: Vec::new(),
             capacity: self.local.capacity.clone(),
-            cloud: self.local.cloud.clone(),
+            // In a keyed swarm only the cloud role may stand.
+            cloud: self
+                .local
+                .cloud
+                .clone()
+                .filter(|_| self.role().is_none_or(|r| r.may_be_gateway())),
             gateway: self.election.claim(),
             sent_ms: 0,
+            cert: None,
         }
     }
 
     fn elect(&mut self, now_ms: u64, out: &mut Vec<OutEvent>) {
         let own = self.own_candidate();
         let table = &self.table;
+        let keyed = self.admission.is_some();
+        let roles = &self.roles;
         let peers = self
             .relevant
             .iter()
+            .filter(|p| !keyed || roles.get(*p).is_some_and(|(_, r)| r.may_be_gateway()))
             .filter_map(|p| table.get(p))
             .map(|e| e.advert.as_ref());
         let cands = Candidates::from_adverts(peers.chain(std::iter::once(&own)));
@@ -310,7 +446,7 @@ impl Membership {
         self.published_key = Some(self.local_key.clone());
         self.published_term = term;
         self.last_publish_ms = Some(now_ms);
-        let wall = self.wall0_ms.saturating_add(now_ms.saturating_sub(self.t0_ms));
+        let wall = self.wall_ms(now_ms);
         self.seq = self.seq.saturating_add(1).max(wall);
         let l = &self.local;
         let advert = Arc::new(Advert {
@@ -324,6 +460,7 @@ impl Membership {
             cloud: l.cloud.clone(),
             gateway: self.election.claim(),
             sent_ms: wall,
+            cert: self.admission.as_ref().map(|(_, c)| c.clone()),
         });
         self.own = Some(advert.clone());
         out.push(OutEvent::Publish(advert));
@@ -342,6 +479,7 @@ mod tests {
             startup_grace_ms: 1_000,
             confirm_ms: 3_000,
         },
+        max_peers: DEFAULT_MAX_PEERS,
     };
 
     fn local(cloud: bool) -> LocalState {
@@ -387,6 +525,7 @@ mod tests {
             cloud: l.cloud,
             gateway: None,
             sent_ms: 0,
+            cert: None,
         })
     }
 
@@ -486,5 +625,166 @@ mod tests {
         assert!(m.election().is_gateway());
         let p = publishes(&out);
         assert_eq!(p.last().and_then(|a| a.gateway).map(|c| c.term), Some(5));
+    }
+
+    fn cloud_advert(peer: &str, seq: u64, priority: i32, claim: Option<u64>) -> Advert {
+        let mut a = (*peer_advert(peer, seq, true)).clone();
+        a.cloud = Some(CloudStatus {
+            reachable: true,
+            budget_left: 10,
+            priority,
+        });
+        a.gateway = claim.map(|term| crate::message::GatewayClaim { term, since_ms: 0 });
+        a
+    }
+
+    mod keyed {
+        use super::*;
+        use crate::admission::{Role, SwarmKey};
+
+        const DAY: u64 = 86_400_000;
+        const WALL: u64 = 1_800_000_000_000;
+
+        fn key(seed: u8) -> SwarmKey {
+            SwarmKey::from_seed([seed; 32])
+        }
+
+        fn cert(k: &SwarmKey, peer: &str, role: Role) -> Certificate {
+            k.invite(peer, role, WALL - DAY, WALL + DAY, 7).expect("invite")
+        }
+
+        fn node(k: &SwarmKey, me: &str, role: Role, cloud: bool) -> Membership {
+            Membership::new(me, CFG, local(cloud), 0, WALL).keyed(Admission::new(k.id()), cert(k, me, role))
+        }
+
+        fn with_cert(mut a: Advert, c: Certificate) -> Arc<Advert> {
+            a.cert = Some(c);
+            Arc::new(a)
+        }
+
+        #[test]
+        fn adverts_without_a_valid_certificate_are_not_members() {
+            let k = key(1);
+            let mut m = node(&k, "me", Role::Member, false);
+            m.handle(InEvent::Advert(peer_advert("anon", 1, false)), 10);
+            let other_swarm = cert(&key(2), "x", Role::Cloud);
+            m.handle(
+                InEvent::Advert(with_cert((*peer_advert("x", 1, false)).clone(), other_swarm)),
+                10,
+            );
+            // A valid certificate, but of someone else.
+            let stolen = cert(&k, "ok", Role::Cloud);
+            m.handle(
+                InEvent::Advert(with_cert(
+                    (*peer_advert("thief", 1, false)).clone(),
+                    stolen.clone(),
+                )),
+                10,
+            );
+            assert!(m.table().is_empty(), "no outsider is in the table");
+            assert_eq!(m.rejected(), 3);
+            m.handle(
+                InEvent::Advert(with_cert((*peer_advert("ok", 1, false)).clone(), stolen)),
+                10,
+            );
+            assert_eq!(m.table().len(), 1);
+            // Own adverts carry the certificate.
+            let p = publishes(&m.handle(InEvent::Tick, 20));
+            assert_eq!(p[0].cert.as_ref().map(|c| c.peer.as_str()), Some("me"));
+        }
+
+        #[test]
+        fn a_member_claiming_the_role_cannot_take_it_from_a_cloud_gateway() {
+            let k = key(1);
+            let mut m = node(&k, "me", Role::Member, false);
+            let honest = with_cert(cloud_advert("g", 1, 1, Some(3)), cert(&k, "g", Role::Cloud));
+            m.handle(InEvent::Advert(honest), 0);
+            assert_eq!(m.election().current().map(|c| c.0), Some("g"));
+            // An admitted member lies: top priority, huge term (within the wire cap).
+            let liar = with_cert(
+                cloud_advert("liar", 1, i32::MAX, Some(crate::election::MAX_TERM)),
+                cert(&k, "liar", Role::Member),
+            );
+            m.handle(InEvent::Advert(liar), 100);
+            for t in (250..20_000).step_by(250) {
+                let mut g = cloud_advert("g", 2 + t, 1, Some(3));
+                g.cert = Some(cert(&k, "g", Role::Cloud));
+                m.handle(InEvent::Advert(Arc::new(g)), t);
+                let mut l = cloud_advert("liar", 2 + t, i32::MAX, Some(crate::election::MAX_TERM));
+                l.cert = Some(cert(&k, "liar", Role::Member));
+                m.handle(InEvent::Advert(Arc::new(l)), t);
+                m.handle(InEvent::Tick, t);
+            }
+            assert_eq!(m.election().current().map(|c| (c.0, c.1)), Some(("g", 3)));
+            // A member node itself never stands, whatever its cloud config says.
+            let mut alone = node(&k, "solo", Role::Member, true);
+            for t in (0..5_000).step_by(250) {
+                alone.handle(InEvent::Tick, t);
+            }
+            assert!(alone.election().current().is_none());
+        }
+
+        #[test]
+        fn revocation_drops_the_revoked_peer() {
+            let k = key(1);
+            let mut m = node(&k, "me", Role::Member, false);
+            m.handle(
+                InEvent::Advert(with_cert(
+                    (*peer_advert("a", 1, false)).clone(),
+                    cert(&k, "a", Role::Member),
+                )),
+                0,
+            );
+            m.handle(
+                InEvent::Advert(with_cert(
+                    (*peer_advert("b", 1, false)).clone(),
+                    cert(&k, "b", Role::Member),
+                )),
+                0,
+            );
+            let list = k
+                .sign_revocations(1, vec![crate::admission::Revoked::Peer("a".into())], WALL)
+                .expect("sign");
+            let out = m.handle(InEvent::Revocations(list), 10);
+            assert!(out.contains(&OutEvent::Expired(vec!["a".into()])));
+            assert!(!m.table().contains("a") && m.table().contains("b"));
+            m.handle(
+                InEvent::Advert(with_cert(
+                    (*peer_advert("a", 2, false)).clone(),
+                    cert(&k, "a", Role::Member),
+                )),
+                20,
+            );
+            assert!(!m.table().contains("a"), "a revoked peer cannot come back");
+        }
+    }
+
+    #[test]
+    fn an_unreachable_peer_is_dropped_at_once_and_ignored_for_a_while() {
+        let mut m = Membership::new("me", CFG, local(false), 0, 0);
+        m.handle(InEvent::Advert(Arc::new(cloud_advert("g", 1, 0, Some(2)))), 0);
+        assert_eq!(m.election().current().map(|c| c.0), Some("g"));
+        let out = m.handle(InEvent::Unreachable("g".into()), 1_500);
+        assert!(out.contains(&OutEvent::Expired(vec!["g".into()])));
+        assert!(m.election().current().is_none());
+        m.handle(InEvent::Advert(Arc::new(cloud_advert("g", 2, 0, Some(2)))), 2_000);
+        assert!(!m.table().contains("g"), "suspended for one expiry window");
+        m.handle(InEvent::Tick, 4_500);
+        m.handle(InEvent::Advert(Arc::new(cloud_advert("g", 3, 0, Some(2)))), 4_600);
+        assert!(m.table().contains("g"), "heard again after the window");
+    }
+
+    #[test]
+    fn the_peer_table_is_bounded() {
+        let cfg = MembershipConfig { max_peers: 3, ..CFG };
+        let mut m = Membership::new("me", cfg, local(false), 0, 0);
+        for i in 0..10 {
+            m.handle(InEvent::Advert(peer_advert(&format!("sybil{i}"), 1, false)), 0);
+        }
+        assert_eq!(m.table().len(), 3);
+        assert_eq!(m.rejected(), 7);
+        // Known peers still update.
+        m.handle(InEvent::Advert(peer_advert("sybil0", 2, false)), 10);
+        assert_eq!(m.table().get("sybil0").map(|e| e.advert.seq), Some(2));
     }
 }

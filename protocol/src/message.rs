@@ -178,6 +178,11 @@ pub struct Advert {
     pub gateway: Option<GatewayClaim>,
     /// Sender's wall clock; informational only (clocks are not trusted for expiry).
     pub sent_ms: u64,
+    /// In a keyed swarm: the sender's membership certificate (its role decides whether it may
+    /// be gateway). Carried in the advert, not only in the connection handshake, so a node
+    /// can check the author of an advert relayed by others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<crate::admission::Certificate>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -255,6 +260,20 @@ impl Validate for Advert {
                 return Err(ValidationError::Invalid {
                     field: "gateway.term",
                     reason: "terms start at 1",
+                });
+            }
+            if g.term > crate::election::MAX_TERM {
+                return Err(ValidationError::Invalid {
+                    field: "gateway.term",
+                    reason: "beyond any term an honest swarm reaches",
+                });
+            }
+        }
+        if let Some(c) = &self.cert {
+            if c.peer != self.peer {
+                return Err(ValidationError::Invalid {
+                    field: "cert.peer",
+                    reason: "certificate of another peer",
                 });
             }
         }
@@ -647,6 +666,7 @@ mod tests {
             cloud: None,
             gateway: None,
             sent_ms: 1_700_000_000_000,
+            cert: None,
         }
     }
 

@@ -292,6 +292,7 @@ mod tests {
             cloud: None,
             gateway: None,
             sent_ms: 0,
+            cert: None,
         }
     }
 

@@ -30,6 +30,9 @@ enum Cmd {
         /// Override the scenario's virtual duration (seconds).
         #[arg(long = "virtual-s")]
         virtual_s: Option<f64>,
+        /// Run the swarm keyed (every node certified by one swarm key), whatever the scenario says.
+        #[arg(long)]
+        keyed: bool,
     },
     /// Real tier: N real nodes (stand-in models) in this process over libp2p's memory
     /// transport; reports convergence time, memory per node and vote routing.
@@ -72,7 +75,8 @@ fn main() -> anyhow::Result<ExitCode> {
             seed,
             json,
             virtual_s,
-        } => run(scenario, seed, json, virtual_s),
+            keyed,
+        } => run(scenario, seed, json, virtual_s, keyed),
         Cmd::Real {
             nodes,
             votes,
@@ -127,8 +131,15 @@ fn real(cfg: RealConfig, json: bool) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn run(scenario: String, seed: Option<u64>, json: bool, virtual_s: Option<f64>) -> anyhow::Result<ExitCode> {
+fn run(
+    scenario: String,
+    seed: Option<u64>,
+    json: bool,
+    virtual_s: Option<f64>,
+    keyed: bool,
+) -> anyhow::Result<ExitCode> {
     let mut sc = Scenario::resolve(&scenario)?;
+    sc.attack.keyed |= keyed;
     if let Some(v) = virtual_s {
         anyhow::ensure!(v > 0.0 && v.is_finite(), "--virtual-s must be positive");
         sc.virtual_s = v;

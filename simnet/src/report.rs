@@ -48,6 +48,20 @@ pub struct Membership {
     pub peak_nodes: usize,
 }
 
+/// What attackers achieved (all zero without an `[attack]`).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct AttackStats {
+    pub keyed: bool,
+    /// Adverts nodes ignored (no or a bad certificate, over the peer limit), summed over nodes.
+    pub rejected_adverts: u64,
+    /// Largest peer table any node held.
+    pub peak_peer_table: usize,
+    /// Votes asked of identities that do not exist (Sybils picked as voters).
+    pub sybil_voters_picked: u64,
+    /// Node-milliseconds during which a node's view named a liar as gateway.
+    pub liar_gateway_node_ms: u64,
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Report {
     pub scenario: String,
@@ -89,6 +103,7 @@ pub struct Report {
     pub vote: VoteStats,
     pub escalation: EscalationStats,
     pub membership: Membership,
+    pub attack: AttackStats,
     pub gossip_messages: u64,
     pub gossip_bytes: u64,
     pub rpc_messages: u64,
@@ -196,6 +211,17 @@ impl fmt::Display for Report {
             self.rpc_messages,
             self.rpc_bytes
         )?;
+        if self.attack != AttackStats::default() {
+            writeln!(
+                f,
+                "attack       {} · rejected adverts {} · peak peer table {} · Sybil voters picked {} · liar as gateway {} node-ms",
+                if self.attack.keyed { "keyed swarm" } else { "open swarm" },
+                self.attack.rejected_adverts,
+                self.attack.peak_peer_table,
+                self.attack.sybil_voters_picked,
+                self.attack.liar_gateway_node_ms
+            )?;
+        }
         write!(f, "invariants   {} violation(s)", self.invariant_violations)?;
         for v in &self.violations {
             write!(f, "\n  - {v}")?;

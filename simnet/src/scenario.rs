@@ -440,6 +440,23 @@ impl Default for Churn {
     }
 }
 
+/// Admission and attackers (issue 18's threat model).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Attack {
+    /// Keyed swarm: every node holds a certificate of one swarm key (the cloud nodes with the
+    /// cloud role, the others as members); adverts without a valid one are ignored.
+    pub keyed: bool,
+    /// Nodes that forge their adverts: cloud reachable, top priority, a claim with the highest
+    /// term the wire allows. In a keyed swarm they are admitted members (an insider).
+    pub liars: Vec<usize>,
+    /// Fake identities that one attacker node advertises every advert interval, each with a
+    /// model and no load (so they look like the best voters). They have no certificate.
+    pub sybils: usize,
+    /// The node that hosts the Sybil identities (its peers get their adverts directly).
+    pub sybil_host: usize,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scenario {
@@ -465,6 +482,8 @@ pub struct Scenario {
     pub events: Vec<Event>,
     #[serde(default)]
     pub churn: Churn,
+    #[serde(default)]
+    pub attack: Attack,
     /// Directory of the scenario file; answer-cache paths are relative to it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -540,6 +559,14 @@ impl Scenario {
             "virtual_s must be in (0, 86400]",
         )?;
         check(!self.models.is_empty(), "at least one [[models]] entry")?;
+        check(
+            self.attack.liars.iter().all(|&l| l < self.nodes),
+            "attack.liars must name initial nodes",
+        )?;
+        check(
+            self.attack.sybils <= 100_000 && (self.attack.sybils == 0 || self.attack.sybil_host < self.nodes),
+            "attack.sybils must be at most 100000 and attack.sybil_host an initial node",
+        )?;
         for m in &self.models {
             for k in Kind::ALL {
                 check(prob(m.accuracy.get(k)), "model accuracy must be in [0, 1]")?;

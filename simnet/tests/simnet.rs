@@ -227,7 +227,58 @@ fn every_scenario_file_parses() {
         "partition-50",
         "gateway-crash",
         "city-1000",
+        "liar-30",
+        "sybil-30",
     ] {
         assert!(Scenario::resolve(name).is_ok(), "{name} does not resolve by name");
     }
+}
+
+#[test]
+fn a_forged_gateway_claim_wins_an_open_swarm_but_not_a_keyed_one() {
+    let open = run(scenario("liar-30"), 1);
+    assert!(
+        open.attack.liar_gateway_node_ms > 0,
+        "the attack must work on an open swarm, or this test proves nothing"
+    );
+    for seed in [1, 2, 3] {
+        let mut sc = scenario("liar-30");
+        sc.attack.keyed = true;
+        let r = run(sc, seed);
+        assert_healthy(&r);
+        assert_eq!(
+            r.attack.liar_gateway_node_ms, 0,
+            "seed {seed}: a node followed the liar"
+        );
+        assert_eq!(r.escalation.failed, 0, "seed {seed}");
+        assert!(
+            r.routes.cloud > 0,
+            "seed {seed}: the honest gateway served no escalation"
+        );
+        assert!(
+            r.gateway_zero_ms < 3_000.0,
+            "seed {seed}: {} ms without a gateway",
+            r.gateway_zero_ms
+        );
+    }
+}
+
+#[test]
+fn a_sybil_flood_fills_an_open_swarm_but_leaves_a_keyed_one_untouched() {
+    let open = run(scenario("sybil-30"), 1);
+    assert!(open.attack.peak_peer_table > 1_000, "{:?}", open.attack);
+    assert!(open.attack.sybil_voters_picked > 0, "{:?}", open.attack);
+    let mut keyed = scenario("sybil-30");
+    keyed.attack.keyed = true;
+    let mut quiet = keyed.clone();
+    quiet.attack.sybils = 0;
+    let (keyed, quiet) = (run(keyed, 1), run(quiet, 1));
+    assert_healthy(&keyed);
+    assert!(keyed.attack.peak_peer_table < 30, "{:?}", keyed.attack);
+    assert!(keyed.attack.rejected_adverts > 0);
+    assert_eq!(keyed.attack.sybil_voters_picked, 0);
+    // Votes exactly as without the attack.
+    assert_eq!(keyed.vote, quiet.vote);
+    assert_eq!(keyed.accuracy, quiet.accuracy);
+    assert_eq!(keyed.routes, quiet.routes);
 }

@@ -8,6 +8,8 @@ use libp2p::PeerId;
 use swarm_protocol::query::CloudAnswer;
 use swarm_protocol::{EscalateReply, EscalateRequest, Task, VoterRecord};
 
+use crate::network::NetError;
+
 use super::request::{remaining, wire_deadline, ChatRequest};
 use super::Router;
 
@@ -59,7 +61,14 @@ impl Router {
                     Ok(p) => match self.p.net.escalate(p, er, left).await {
                         Ok(EscalateReply::Ok(r)) => Ok(r),
                         Ok(EscalateReply::Err(e)) => Err(format!("gateway {}: {}", g.peer, e.message)),
-                        Err(e) => Err(format!("gateway {}: {e}", g.peer)),
+                        Err(e) => {
+                            // Unreachable, not merely refusing: drop its claim now rather than
+                            // after its adverts expire, so the retry finds a successor sooner.
+                            if unreachable(&e) {
+                                let _ = self.p.unreachable.try_send(g.peer.clone());
+                            }
+                            Err(format!("gateway {}: {e}", g.peer))
+                        }
                     },
                     Err(_) => Err("bad gateway id".into()),
                 }
@@ -80,5 +89,17 @@ impl Router {
             }
         }
         Err(format!("cloud unavailable: {last}"))
+    }
+}
+
+/// The request never reached a live gateway (dial failed, connection closed), as opposed to a
+/// slow cloud behind a live one (a timeout), which must not cost the gateway its role.
+fn unreachable(e: &NetError) -> bool {
+    match e {
+        NetError::Request { reason, .. } => {
+            let r = reason.to_ascii_lowercase();
+            r.contains("dial") || r.contains("closed")
+        }
+        _ => false,
     }
 }

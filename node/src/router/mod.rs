@@ -65,6 +65,8 @@ pub struct RouterParts {
     pub gateway: Arc<Gateway>,
     pub semantic: Arc<Semantic>,
     pub metrics: Arc<Metrics>,
+    /// Tells the membership task a peer could not be reached (it drops it at once).
+    pub unreachable: mpsc::Sender<String>,
 }
 
 /// Runs queries for this node and serves its peers' requests. Cheap to clone.

@@ -10,8 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use libp2p::{Multiaddr, PeerId};
-use swarm_protocol::membership::{InEvent, LocalState, Membership as Machine, MembershipConfig, OutEvent};
-use swarm_protocol::{encode_msg, Advert, Capacity, ElectionConfig};
+use swarm_protocol::membership::{
+    InEvent, LocalState, Membership as Machine, MembershipConfig, OutEvent, DEFAULT_MAX_PEERS,
+};
+use swarm_protocol::{encode_msg, Admission, Advert, Capacity, Certificate, ElectionConfig};
 use tokio::sync::{mpsc, watch};
 
 use super::{GatewayView, PeerView, SwarmView};
@@ -62,6 +64,7 @@ pub(crate) fn initial_advert(peer: &str, name: &str) -> Advert {
         cloud: None,
         gateway: None,
         sent_ms: wall_ms(),
+        cert: None,
     }
 }
 
@@ -77,6 +80,10 @@ pub struct MembershipParts {
     pub net: NetworkHandle,
     pub view_tx: watch::Sender<Arc<SwarmView>>,
     pub on_request: RequestHandler,
+    /// Keyed swarm: the verifier and this node's certificate; `None` runs an open swarm.
+    pub admission: Option<(Admission, Certificate)>,
+    /// Peers the router found unreachable.
+    pub unreachable: mpsc::Receiver<String>,
 }
 
 impl MembershipParts {
@@ -103,14 +110,19 @@ pub struct Membership {
 }
 
 impl Membership {
-    pub fn new(p: MembershipParts) -> Self {
+    pub fn new(mut p: MembershipParts) -> Self {
         let cfg = MembershipConfig {
             advert_interval_ms: p.advert_interval_ms,
             missed_adverts: p.missed_adverts,
             election: p.election,
+            max_peers: DEFAULT_MAX_PEERS,
         };
+        let mut machine = Machine::new(p.me.clone(), cfg, placeholder_state(&p.name), 0, wall_ms());
+        if let Some((adm, cert)) = p.admission.take() {
+            machine = machine.keyed(adm, cert);
+        }
         let mut m = Self {
-            machine: Machine::new(p.me.clone(), cfg, placeholder_state(&p.name), 0, wall_ms()),
+            machine,
             p,
             addrs: Vec::new(),
             sys: sysinfo::System::new().ok(),
@@ -138,6 +150,12 @@ impl Membership {
                     Some(ev) => self.event(ev).await,
                     None => break,
                 },
+                Some(peer) = self.p.unreachable.recv() => {
+                    tracing::info!("peer {peer} unreachable: dropped until it is heard again");
+                    let out = self.machine.handle(InEvent::Unreachable(peer), self.now_ms());
+                    self.carry_out(out).await;
+                    self.refresh_view();
+                }
                 _ = tick.tick() => {
                     let local = self.local_state();
                     self.machine.set_local(local);

@@ -98,12 +98,33 @@ impl Sim {
             }
             let (count, hash) = live.get(&n.group).copied().unwrap_or((0, 0));
             // The table holds the peers; the live set counts the node itself too.
-            if n.mem.table().len() + 1 != count || n.set_hash != hash {
+            if n.mem.table().len() - n.sybils_held.min(n.mem.table().len()) + 1 != count || n.set_hash != hash
+            {
                 bad += 1;
                 example.get_or_insert(v as u32);
             }
         }
         (bad, example)
+    }
+
+    /// What attackers hold right now: table sizes, and views that name a liar as gateway.
+    fn check_attack(&mut self, interval_us: u64) {
+        let mut liar_views = 0u64;
+        for n in self.nodes[..self.slots_used]
+            .iter()
+            .filter(|n| n.state == NodeState::Up)
+        {
+            self.m.attack.peak_peer_table = self.m.attack.peak_peer_table.max(n.mem.table().len());
+            let gw = n
+                .mem
+                .election()
+                .current()
+                .and_then(|(p, _, _)| self.id_index.get(p));
+            if gw.is_some_and(|&g| self.nodes[g as usize].liar) {
+                liar_views += 1;
+            }
+        }
+        self.m.attack.liar_gateway_node_ms += liar_views * interval_us / 1000;
     }
 
     pub(super) fn on_check(&mut self) {
@@ -116,6 +137,9 @@ impl Sim {
             .filter(|n| n.state == NodeState::Up)
             .count();
         self.m.node_us += up as u128 * u128::from(interval);
+        if self.sc.attack != Default::default() {
+            self.check_attack(interval);
+        }
 
         let (bad, example) = self.table_mismatches();
         // Convergence counts from the moment every initial node has booted.

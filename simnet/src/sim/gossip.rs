@@ -6,8 +6,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use rand::Rng;
+use swarm_protocol::election::MAX_TERM;
 use swarm_protocol::membership::{InEvent, LocalState, OutEvent};
-use swarm_protocol::{encode_msg, Advert, Capacity, CloudStatus, ModelCard, Validate};
+use swarm_protocol::{encode_msg, Advert, Capacity, CloudStatus, GatewayClaim, ModelCard, Validate};
 
 use super::{slot_hash, AdvMsg, Ev, Sim, DOWN};
 
@@ -148,15 +149,18 @@ impl Sim {
         for ev in out {
             match ev {
                 OutEvent::Publish(advert) => self.publish(v, advert),
-                OutEvent::Joined { peer, .. } => {
-                    if let Some(&slot) = self.id_index.get(&peer) {
-                        self.nodes[v as usize].set_hash ^= slot_hash(slot);
-                    }
-                }
+                OutEvent::Joined { peer, .. } => match self.id_index.get(&peer) {
+                    Some(&slot) => self.nodes[v as usize].set_hash ^= slot_hash(slot),
+                    None => self.nodes[v as usize].sybils_held += 1,
+                },
                 OutEvent::Expired(gone) => {
                     for peer in gone {
-                        if let Some(&slot) = self.id_index.get(&peer) {
-                            self.nodes[v as usize].set_hash ^= slot_hash(slot);
+                        match self.id_index.get(&peer) {
+                            Some(&slot) => self.nodes[v as usize].set_hash ^= slot_hash(slot),
+                            None => {
+                                let n = &mut self.nodes[v as usize];
+                                n.sybils_held = n.sybils_held.saturating_sub(1);
+                            }
                         }
                     }
                 }
@@ -172,7 +176,21 @@ impl Sim {
     }
 
     /// Sends node `v`'s fresh advert to its mesh.
-    fn publish(&mut self, v: u32, advert: Arc<Advert>) {
+    fn publish(&mut self, v: u32, mut advert: Arc<Advert>) {
+        if self.nodes[v as usize].liar {
+            // The forgery of issue 18: cloud-capable, top priority, the highest claim the wire
+            // allows. Its own state machine stays honest; only what it says is false.
+            let a = Arc::make_mut(&mut advert);
+            a.cloud = Some(CloudStatus {
+                reachable: true,
+                budget_left: u32::MAX,
+                priority: i32::MAX,
+            });
+            a.gateway = Some(GatewayClaim {
+                term: MAX_TERM,
+                since_ms: a.sent_ms,
+            });
+        }
         if let Err(e) = advert.validate() {
             self.violation(format!("node {v} built an invalid advert: {e}"));
             return;
@@ -192,6 +210,64 @@ impl Sim {
         });
         self.slot(v, v).seen = msg.seq;
         self.forward(v, v, &msg);
+    }
+
+    /// The Sybil host hands every reachable node the adverts of all its fake identities, as
+    /// if relayed (an open swarm has no way to tell them from real peers).
+    pub(super) fn on_sybils(&mut self) {
+        let host = self.sc.attack.sybil_host as u32;
+        let interval = self.sc.timing.advert_interval_ms;
+        if self.up(host) {
+            let local = self.local_ms(host);
+            let profile = &self.sc.models[self.nodes[host as usize].model];
+            let card = ModelCard {
+                id: profile.id.clone(),
+                arch: profile.arch.clone(),
+                params: profile.params,
+                quant: "Q4_K_M".into(),
+                ctx: 2048,
+                domains: vec!["general".into()],
+                tok_s: 1000.0,
+            };
+            let adverts: Vec<Arc<Advert>> = self
+                .sybil_ids
+                .iter()
+                .map(|id| {
+                    Arc::new(Advert {
+                        peer: id.clone(),
+                        seq: local,
+                        name: "sybil".into(),
+                        version: "0.1.0".into(),
+                        addrs: Vec::new(),
+                        models: vec![card.clone()],
+                        capacity: Capacity {
+                            cores: 8,
+                            cpu_load: 0.0,
+                            mem_free_mb: 8192,
+                            queue: 0,
+                            max_concurrency: 4,
+                        },
+                        cloud: None,
+                        gateway: None,
+                        sent_ms: local,
+                        cert: None,
+                    })
+                })
+                .collect();
+            for w in 0..self.slots_used as u32 {
+                if w == host || !self.linked(host, w) {
+                    continue;
+                }
+                let now = self.local_ms(w);
+                for a in &adverts {
+                    let out = self.nodes[w as usize].mem.handle(InEvent::Advert(a.clone()), now);
+                    self.apply_membership(w, out);
+                }
+            }
+        }
+        if self.now < self.end_us {
+            self.push(self.now + interval * 1000, Ev::Sybils);
+        }
     }
 
     pub(super) fn on_gossip(&mut self, to: u32, from: u32, msg: Rc<AdvMsg>) {

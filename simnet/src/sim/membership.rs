@@ -5,6 +5,7 @@ use std::cmp::Reverse;
 
 use rand::Rng;
 use swarm_protocol::membership::Membership as MembershipMachine;
+use swarm_protocol::{Admission, Role};
 
 use super::{slot_hash, us, Ev, GossipSlot, NodeState, Sim};
 use crate::scenario::{parse_target, Action, Target};
@@ -30,9 +31,32 @@ impl Sim {
             n.ticks = 0;
         }
         let state = self.local_state(v);
+        let mut mem = MembershipMachine::new(id.clone(), cfg, state, local, local);
+        if let Some(key) = &self.swarm_key {
+            // Cloud nodes may be gateway; everyone else (liars included) is a plain member.
+            let role = if self.nodes[v as usize].cloud.is_some() {
+                Role::Cloud
+            } else {
+                Role::Member
+            };
+            const YEAR_MS: u64 = 365 * 86_400_000;
+            match key.invite(
+                &id,
+                role,
+                local.saturating_sub(YEAR_MS),
+                local + YEAR_MS,
+                u64::from(v),
+            ) {
+                Ok(cert) => mem = mem.keyed(Admission::new(key.id()), cert),
+                Err(e) => self.violation(format!("node {v}: cannot certify: {e}")),
+            }
+        }
         let n = &mut self.nodes[v as usize];
+        // The old machine's count survives the restart in the report.
+        self.m.attack.rejected_adverts += n.mem.rejected();
         // The local clock seeds advert seqs, so a restarted node's adverts are newer.
-        n.mem = MembershipMachine::new(id, cfg, state, local, local);
+        n.mem = mem;
+        n.sybils_held = 0;
         n.set_hash = slot_hash(v);
         let cap = self.ids.len();
         for o in 0..cap {

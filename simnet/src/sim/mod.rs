@@ -47,11 +47,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use swarm_protocol::membership::{LocalState, Membership as MembershipMachine, MembershipConfig};
 use swarm_protocol::query::Coordinator;
-use swarm_protocol::{Advert, Capacity, ElectionConfig, Privacy, RouteOverride, Thresholds, VoterRecord};
+use swarm_protocol::{
+    Advert, Capacity, ElectionConfig, Privacy, RouteOverride, SwarmKey, Thresholds, VoterRecord,
+};
 
 use crate::models::{splitmix, Bank, CacheError, SimAnswer};
 use crate::queue::EventQueue;
-use crate::report::{EscalationStats, Membership, Report, RouteMix, VoteStats};
+use crate::report::{AttackStats, EscalationStats, Membership, Report, RouteMix, VoteStats};
 use crate::scenario::Scenario;
 
 /// Wall-clock epoch of every simulated node clock (ms), so local clocks are realistic and positive.
@@ -105,6 +107,10 @@ struct Node {
     ticks: u64,
     /// Busy time per tick window over the last advert interval (the advertised CPU load).
     busy_ring: [u64; 4],
+    /// Forges its adverts (`[attack] liars`).
+    liar: bool,
+    /// Sybil identities in this node's peer table (not in the live set the checker compares).
+    sybils_held: usize,
     mesh: Vec<u32>,
     busy_until: u64,
     queue: u32,
@@ -140,6 +146,8 @@ struct ReplyMsg {
 
 enum Ev {
     Boot(u32),
+    /// The Sybil host advertises its fake identities (once per advert interval).
+    Sybils,
     Tick {
         node: u32,
         inc: u32,
@@ -236,6 +244,10 @@ struct Query {
     voters: Vec<u32>,
     /// Slots whose first ballot was fed; an independent count to check the coordinator against.
     ballot_keys: BTreeSet<u32>,
+    /// Voters picked that do not exist (Sybils): asked, then timed out at the deadline, each a
+    /// ballot of its own.
+    phantoms_pending: usize,
+    phantom_voters: usize,
     /// Embeddings of the free-text answers seen, by text (what the coordinator asks to embed).
     embeddings: BTreeMap<String, Vec<f32>>,
     /// Ground truth per normalised answer seen in this query.
@@ -270,6 +282,7 @@ struct Metrics {
     view_changes: u64,
     membership: Membership,
     node_us: u128,
+    attack: AttackStats,
 }
 
 /// Invariant bookkeeping.
@@ -320,6 +333,10 @@ pub struct Sim {
     election_cfg: ElectionConfig,
     route_override: RouteOverride,
     cloud_nodes: Vec<usize>,
+    /// Keyed swarm: the swarm key that certifies every node.
+    swarm_key: Option<SwarmKey>,
+    /// Sybil identities' ids (`[attack] sybils`), advertised by `sybil_host`.
+    sybil_ids: Vec<String>,
     m: Metrics,
     ck: Checker,
 }
@@ -352,6 +369,17 @@ fn idle_state() -> LocalState {
         },
         cloud: None,
     }
+}
+
+/// Text form of a Sybil identity: PeerId-like, never a real slot's id.
+fn sybil_id(i: usize) -> String {
+    let mut s = format!("12D3KooWSybiL{i}x");
+    let mut h = i as u64 ^ 0xDEAD_BEEF;
+    while s.len() < 52 {
+        h = splitmix(h);
+        s.push(char::from(b"abcdefghijkmnopqrstuvwxyz"[(h % 25) as usize]));
+    }
+    s
 }
 
 fn slot_hash(slot: u32) -> u64 {
@@ -419,6 +447,17 @@ impl Sim {
             election_cfg,
             route_override,
             cloud_nodes: sc.cloud_indices(),
+            // Derived from the seed: the run stays reproducible.
+            swarm_key: sc.attack.keyed.then(|| {
+                SwarmKey::from_seed(
+                    splitmix(seed ^ 0x5157_4B45_59)
+                        .to_le_bytes()
+                        .repeat(4)
+                        .try_into()
+                        .unwrap_or([7; 32]),
+                )
+            }),
+            sybil_ids: (0..sc.attack.sybils).map(sybil_id).collect(),
             m: Metrics::default(),
             ck: Checker::default(),
             sc,
@@ -453,6 +492,10 @@ impl Sim {
         }
         let ci = sim.sc.timing.check_interval_ms * 1000;
         sim.push(ci, Ev::Check);
+        if sim.sc.attack.sybils > 0 {
+            let at = sim.sc.timing.boot_spread_ms * 1000;
+            sim.push(at, Ev::Sybils);
+        }
         Ok(sim)
     }
 
@@ -461,6 +504,7 @@ impl Sim {
             advert_interval_ms: self.sc.timing.advert_interval_ms,
             missed_adverts: self.sc.timing.advert_missed,
             election: self.election_cfg,
+            max_peers: swarm_protocol::membership::DEFAULT_MAX_PEERS,
         }
     }
 
@@ -508,6 +552,8 @@ impl Sim {
             set_hash: 0,
             ticks: 0,
             busy_ring: [0; 4],
+            liar: self.sc.attack.liars.contains(&slot),
+            sybils_held: 0,
             mesh: Vec::new(),
             busy_until: 0,
             queue: 0,
@@ -612,6 +658,7 @@ impl Sim {
             Ev::EscFail { q, attempt } | Ev::EscDeadline { q, attempt } => self.escalation_failed(q, attempt),
             Ev::EscRetry(q) => self.retry_escalation(q),
             Ev::Check => self.on_check(),
+            Ev::Sybils => self.on_sybils(),
         }
     }
 }

@@ -79,6 +79,8 @@ impl Sim {
                 sm: None,
                 voters: Vec::new(),
                 ballot_keys: BTreeSet::new(),
+                phantoms_pending: 0,
+                phantom_voters: 0,
                 embeddings: BTreeMap::new(),
                 truth: BTreeMap::new(),
                 records: Vec::new(),

@@ -1,6 +1,6 @@
 //! The end-of-run summary: builds the `Report` from the metrics and the checker.
 
-use crate::report::{round3, Report};
+use crate::report::{round3, AttackStats, Report};
 
 use super::Sim;
 
@@ -68,6 +68,12 @@ impl Sim {
             vote: self.m.vote.clone(),
             escalation: self.m.esc.clone(),
             membership: self.m.membership.clone(),
+            attack: AttackStats {
+                keyed: self.sc.attack.keyed,
+                rejected_adverts: self.m.attack.rejected_adverts
+                    + self.nodes.iter().map(|n| n.mem.rejected()).sum::<u64>(),
+                ..self.m.attack.clone()
+            },
             gossip_messages: self.m.gossip_msgs,
             gossip_bytes: self.m.gossip_bytes,
             rpc_messages: self.m.rpc_msgs,

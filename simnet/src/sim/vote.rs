@@ -158,7 +158,7 @@ impl Sim {
             .filter(|e| !e.starts_with("not needed"))
             .collect();
         let ballots = v.valid + v.failures;
-        let keys = q.ballot_keys.len();
+        let keys = q.ballot_keys.len() + q.phantom_voters;
         self.m.vote.votes += 1;
         self.m.vote.ballots += ballots as u64;
         if v.early {
@@ -190,9 +190,13 @@ impl Sim {
             .iter()
             .filter_map(|c| self.id_index.get(&c.peer).copied())
             .collect();
+        // The rest are Sybils: asked, they never answer (the coordinator times them out).
+        let phantoms = picked.len() - voters.len();
+        self.m.attack.sybil_voters_picked += phantoms as u64;
         if let Some(q) = self.queries.get_mut(&id) {
             q.phase = Phase::Voting;
             q.voters = voters.clone();
+            q.phantoms_pending += phantoms;
         }
         let req = VoteRequest {
             id,
@@ -313,6 +317,7 @@ impl Sim {
                     .filter(|v| !q.ballot_keys.contains(v))
                     .collect();
                 q.ballot_keys.extend(missing);
+                q.phantom_voters += std::mem::take(&mut q.phantoms_pending);
             }
             self.feed(id, InEvent::VoteDeadline);
         }
