@@ -94,7 +94,9 @@ impl Gateway {
         let deadline = Instant::now() + Duration::from_millis(u64::from(req.deadline_ms));
         let creq = CloudRequest {
             messages: cloud_messages(req),
-            max_tokens: req.max_tokens,
+            // The peer's number is a wish: never more than this gateway allows
+            // (the client clamps again; doing it here keeps the intent visible).
+            max_tokens: client.config().clamp_max_tokens(req.max_tokens),
             temperature: 0.0,
             stop: Vec::new(),
         };
@@ -141,24 +143,37 @@ impl Gateway {
 #[cfg(test)]
 mod tests {
     //! The cloud endpoint is a local stand-in (no real endpoint is reachable
-    //! here): an axum server that answers every chat with the same JSON.
+    //! here): an axum server that answers every chat with the same JSON and
+    //! records the `max_tokens` of every request it gets.
+    use std::sync::{Arc, Mutex};
+
     use super::*;
     use axum::routing::post;
     use axum::Json;
-    use serde_json::json;
+    use serde_json::{json, Value};
     use swarm_protocol::ChatMessage as WireMessage;
 
+    type Seen = Arc<Mutex<Vec<Value>>>;
+
     async fn stand_in(text: String, model: String) -> String {
+        stand_in_costing(text, model, 2).await.0
+    }
+
+    /// A stand-in whose every answer reports `total_tokens` tokens used.
+    async fn stand_in_costing(text: String, model: String, total_tokens: u64) -> (String, Seen) {
+        let seen: Seen = Arc::default();
+        let log = seen.clone();
         let app = axum::Router::new().route(
             "/v1/chat/completions",
-            post(move || {
+            post(move |Json(body): Json<Value>| {
                 let (text, model) = (text.clone(), model.clone());
+                log.lock().expect("log").push(body["max_tokens"].clone());
                 async move {
                     Json(json!({
                         "id": "x", "object": "chat.completion", "model": model,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                      "finish_reason": "stop"}],
-                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": total_tokens},
                     }))
                 }
             }),
@@ -168,7 +183,72 @@ mod tests {
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        format!("http://{addr}/v1")
+        (format!("http://{addr}/v1"), seen)
+    }
+
+    fn escalation(max_tokens: u32) -> EscalateRequest {
+        EscalateRequest {
+            id: 1,
+            messages: vec![WireMessage::new("user", "hello")],
+            task: Task::Free,
+            max_tokens,
+            swarm_answers: Vec::new(),
+            deadline_ms: 10_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_escalations_max_tokens_is_clamped_to_the_gateways_limit() {
+        let (base_url, seen) = stand_in_costing("ok".into(), "m".into(), 2).await;
+        let client = CloudClient::new(crate::cloud::CloudConfig {
+            base_url,
+            max_tokens_per_call: 200,
+            ..Default::default()
+        })
+        .expect("client");
+        let gw = Gateway::new(Some(client), "me".into());
+        // The protocol's own ceiling, u32::MAX from a peer that skips it, and 0.
+        for asked in [swarm_protocol::MAX_TOKENS, u32::MAX, 201, 200, 50, 0] {
+            gw.call(&escalation(asked)).await.expect("answer");
+        }
+        let seen = seen.lock().expect("log").clone();
+        assert_eq!(seen, [200, 200, 200, 200, 50, 1].map(|n| json!(n)));
+    }
+
+    #[tokio::test]
+    async fn an_exhausted_token_budget_advertises_no_calls_left() {
+        let (base_url, seen) = stand_in_costing("ok".into(), "m".into(), 400).await;
+        let client = CloudClient::new(crate::cloud::CloudConfig {
+            base_url,
+            max_tokens_per_call: 100,
+            max_tokens_per_day: 1_000,
+            ..Default::default()
+        })
+        .expect("client");
+        let gw = Gateway::new(Some(client), "me".into());
+        let left = |gw: &Gateway| gw.status().map(|s| s.budget_left);
+        assert_eq!(left(&gw), Some(10), "1000 tokens pay for 10 calls of 100");
+        // Each answer really costs 400 tokens (a long prompt, say).
+        gw.call(&escalation(100)).await.expect("1");
+        assert_eq!(left(&gw), Some(6));
+        gw.call(&escalation(100)).await.expect("2");
+        assert_eq!(left(&gw), Some(2));
+        gw.call(&escalation(100))
+            .await
+            .expect("3: its reservation fits in the 200 left");
+        assert_eq!(left(&gw), Some(0), "the tokens ran out: peers must fail over");
+        let err = gw.call(&escalation(100)).await.expect_err("refused");
+        assert_eq!(err.code, ErrorCode::Overloaded, "as for the call budget");
+        assert!(
+            err.message.starts_with("cloud_budget_exhausted"),
+            "{}",
+            err.message
+        );
+        assert_eq!(
+            seen.lock().expect("log").len(),
+            3,
+            "nothing sent for the refused call"
+        );
     }
 
     #[tokio::test]

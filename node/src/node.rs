@@ -116,6 +116,9 @@ pub struct NodeInner {
     pub started: Instant,
     /// Whether this node holds cloud credentials (it may become the gateway).
     pub cloud: Option<String>,
+    /// The cloud client itself, for its budget in the status API and its
+    /// final budget write at shutdown.
+    pub cloud_client: Option<CloudClient>,
     view: watch::Receiver<Arc<SwarmView>>,
     shutdown_tx: watch::Sender<bool>,
     _identity_lock: Option<std::fs::File>,
@@ -180,6 +183,7 @@ impl Node {
         ));
         let name = cfg.display_name();
         let cloud = opts.cloud.as_ref().map(|c| c.to_string());
+        let cloud_client = opts.cloud.clone();
         let gateway = Arc::new(Gateway::new(opts.cloud, me.clone()));
         let (view_tx, view) = watch::channel(Arc::new(SwarmView {
             me: Arc::new(initial_advert(&me, &name)),
@@ -235,6 +239,7 @@ impl Node {
             metrics,
             started: Instant::now(),
             cloud,
+            cloud_client,
             view,
             shutdown_tx,
             _identity_lock: opts.identity_lock,
@@ -303,5 +308,9 @@ impl Node {
     pub async fn shutdown(&self) {
         let _ = self.shutdown_tx.send(true);
         self.net.shutdown().await;
+        if let Some(c) = self.cloud_client.clone() {
+            // So a restart continues today's cloud budget instead of resetting it.
+            let _ = tokio::task::spawn_blocking(move || c.flush_budget()).await;
+        }
     }
 }

@@ -294,6 +294,16 @@ async fn peers(State(node): State<Node>) -> Json<Value> {
     if let Some(o) = me.as_object_mut() {
         o.insert("peer_id".into(), json!(node.peer_id.to_string()));
         o.insert("name".into(), json!(node.name));
+        if let Some(c) = &node.cloud_client {
+            // This node's own budget, live rather than as of its last advert,
+            // with the tokens left that the advert has no room for.
+            let st = c.status();
+            o.insert(
+                "cloud".into(),
+                json!({"reachable": st.reachable, "budget_left": st.budget_left,
+                       "tokens_left": st.tokens_left, "priority": c.priority()}),
+            );
+        }
     }
     let peers: Vec<Value> = view
         .peers

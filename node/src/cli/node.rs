@@ -220,8 +220,14 @@ pub(super) fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
         let local_http = listener.local_addr()?;
         let cloud = match &cfg.cloud {
             Some(c) => {
-                let client = CloudClient::new(c.clone())?;
+                let mut c = c.clone();
+                // Beside the identity key: one budget per node, and the key's
+                // lock already keeps a second process off the same file.
+                c.budget_file
+                    .get_or_insert_with(|| id_path.with_extension("cloud-budget.json").display().to_string());
+                let client = CloudClient::new(c)?;
                 client.spawn_prober();
+                client.spawn_budget_writer();
                 Some(client)
             }
             None => None,
@@ -258,6 +264,9 @@ pub(super) fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
         }
         if let Some(c) = &node.cloud {
             println!("cloud: {c} (this node may become the gateway)");
+        }
+        if let Some(f) = node.cloud_client.as_ref().and_then(|c| c.budget_file()) {
+            println!("cloud budget: {}", f.display());
         }
         println!("http: http://{local_http}");
         serve_http(node, listener).await

@@ -1,9 +1,11 @@
 //! `CloudClient`: construction (URLs, key header, HTTP client), the non-streamed
-//! chat and the probe, budget and reachability as advertised. The streamed chat
-//! is in `stream`, the HTTP exchanges themselves in `http`.
+//! chat and the probe, budget and reachability as advertised, and keeping the
+//! day's budget on disk. The streamed chat is in `stream`, the HTTP exchanges
+//! themselves in `http`.
 
 use std::fmt;
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,14 +14,17 @@ use futures::stream::BoxStream;
 use reqwest::header::{HeaderValue, AUTHORIZATION};
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
-use tracing::debug;
+use tracing::{debug, info, warn};
 
-use super::budget::{Budget, Clock, SystemClock};
+use super::budget::{Budget, Clock, Limits, SystemClock};
 use super::key::ApiKey;
 use super::{ChatMessage, CloudConfig, CloudError};
 
 /// Probes answer "can I reach it", which needs no long wait.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the budget writer saves a changed budget: a crash loses at most
+/// this much of the day's count, and a busy gateway still writes rarely.
+const BUDGET_WRITE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// One chat completion to ask the cloud for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +60,8 @@ pub struct CloudAnswer {
     pub latency_ms: u64,
     pub prompt_tokens: Option<u32>,
     pub completion_tokens: Option<u32>,
+    /// `usage.total_tokens`, or prompt + completion when only those came.
+    pub total_tokens: Option<u32>,
 }
 
 /// What a node advertises about its cloud access (`Advert.cloud`).
@@ -63,8 +70,12 @@ pub struct CloudStatusView {
     /// Last probe (or call) reached the endpoint and was accepted; false until
     /// the first probe.
     pub reachable: bool,
-    /// Calls allowed right now: min(left this minute, left today).
+    /// Calls allowed right now: min(left this minute, left today), and no more
+    /// than the tokens left pay for at `max_tokens_per_call` each — so it is 0
+    /// once either the calls or the tokens run out.
     pub budget_left: u32,
+    /// Tokens allowed right now: min(left this minute, left today).
+    pub tokens_left: u64,
 }
 
 /// Text deltas of a streamed answer, in order. Ends after `data: [DONE]`; an
@@ -90,6 +101,11 @@ pub(super) struct Inner {
     pub(super) timeout: Duration,
     pub(super) clock: Arc<dyn Clock>,
     pub(super) budget: Mutex<Budget>,
+    /// Where the day's counts are kept across restarts (`None`: memory only).
+    pub(super) budget_file: Option<PathBuf>,
+    /// Serializes writers and remembers the budget version last written, so
+    /// an older snapshot never overwrites a newer one.
+    pub(super) written: Mutex<u64>,
     pub(super) reachable: AtomicBool,
     pub(super) calls: AtomicU64,
 }
@@ -152,7 +168,18 @@ impl CloudClient {
         let http = builder
             .build()
             .map_err(|e| CloudError::Config(format!("HTTP client: {e}")))?;
-        let budget = Budget::new(cfg.max_calls_per_minute, cfg.max_calls_per_day);
+        let mut budget = Budget::new(Limits {
+            calls_per_minute: cfg.max_calls_per_minute,
+            calls_per_day: cfg.max_calls_per_day,
+            tokens_per_minute: cfg.max_tokens_per_minute,
+            tokens_per_day: cfg.max_tokens_per_day,
+            tokens_per_call: u64::from(cfg.max_tokens_per_call),
+        });
+        let budget_file = cfg.budget_file.as_ref().map(PathBuf::from);
+        if let Some(path) = &budget_file {
+            restore_budget(&mut budget, path, clock.now_ms());
+        }
+        let written = budget.version();
         Ok(Self {
             inner: Arc::new(Inner {
                 cfg,
@@ -164,6 +191,8 @@ impl CloudClient {
                 timeout,
                 clock,
                 budget: Mutex::new(budget),
+                budget_file,
+                written: Mutex::new(written),
                 reachable: AtomicBool::new(false),
                 calls: AtomicU64::new(0),
             }),
@@ -188,23 +217,57 @@ impl CloudClient {
     /// What to advertise: reachability and the budget left now.
     pub fn status(&self) -> CloudStatusView {
         let now = self.inner.clock.now_ms();
+        let left = self.inner.budget().left(now);
         CloudStatusView {
             reachable: self.inner.reachable.load(Ordering::SeqCst),
-            budget_left: self.inner.budget().left(now),
+            budget_left: left.calls,
+            tokens_left: left.tokens,
         }
     }
 
+    /// The file the day's budget is kept in, if any.
+    pub fn budget_file(&self) -> Option<&Path> {
+        self.inner.budget_file.as_deref()
+    }
+
+    /// Writes the day's budget to `budget_file` now if it changed since the
+    /// last write (blocking file I/O: call from a blocking context or at
+    /// shutdown). Failures are logged, never fatal: the budget in memory
+    /// still holds.
+    pub fn flush_budget(&self) {
+        self.inner.flush_budget();
+    }
+
+    /// Saves a changed budget every couple of seconds until every clone of this
+    /// client is dropped (then once more, on drop). `None` without a
+    /// `budget_file`. Needs a tokio runtime.
+    pub fn spawn_budget_writer(&self) -> Option<tokio::task::JoinHandle<()>> {
+        self.inner.budget_file.as_ref()?;
+        let weak = Arc::downgrade(&self.inner);
+        Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(BUDGET_WRITE_INTERVAL).await;
+                let Some(inner) = weak.upgrade() else { break };
+                // File I/O and fsync off the async workers.
+                let _ = tokio::task::spawn_blocking(move || inner.flush_budget()).await;
+            }
+        }))
+    }
+
     /// One non-streamed chat completion, within `timeout_ms` overall.
+    /// `max_tokens` is clamped to `max_tokens_per_call`.
     pub async fn chat(&self, req: CloudRequest) -> Result<CloudAnswer, CloudError> {
         let inner = &self.inner;
         check_request(&req)?;
-        inner.take_budget()?;
+        let req = inner.clamped(req);
+        let reservation = inner.take_budget(&req)?;
         let started = Instant::now();
         let result = match tokio::time::timeout(inner.timeout, inner.chat_once(&req)).await {
             Ok(r) => r,
             Err(_) => Err(inner.timeout_error()),
         };
         let latency_ms = elapsed_ms(started);
+        inner.settle(reservation, &result);
         match result {
             Ok(mut answer) => {
                 inner.mark_reachable(true);
@@ -263,6 +326,35 @@ impl CloudClient {
                 tokio::time::sleep(interval).await;
             }
         })
+    }
+}
+
+/// Continues from the file's counts if they are today's; anything wrong with
+/// the file is logged and the day starts from zero (never fatal: a node must
+/// still start, and the file is rewritten at the next call).
+fn restore_budget(budget: &mut Budget, path: &Path, now: u64) {
+    match super::persist::load(path) {
+        Ok(Some(saved)) => {
+            if budget.restore(saved, now) {
+                info!(
+                    file = %path.display(),
+                    calls = saved.calls,
+                    tokens = saved.tokens,
+                    "cloud budget: continuing today's counts"
+                );
+            } else {
+                debug!(file = %path.display(), "cloud budget file is from another day; ignored");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => warn!(error = %e, "cloud budget file ignored; today's counts start from zero"),
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Last chance to keep what was spent since the last periodic write.
+        self.flush_budget();
     }
 }
 

@@ -40,6 +40,22 @@ pub struct CloudConfig {
     pub max_calls_per_minute: u32,
     /// At most this many calls per UTC calendar day. Default: 1000.
     pub max_calls_per_day: u32,
+    /// The most tokens one call may ask the cloud to generate: an escalation's
+    /// `max_tokens` (a peer's number) is clamped to this. Default: 1024.
+    pub max_tokens_per_call: u32,
+    /// At most this many tokens (prompt + completion) in any sliding 60-second
+    /// window. Each call reserves its prompt (estimated) plus its clamped
+    /// `max_tokens` before it is sent and is settled to the usage the cloud
+    /// reports. Default: 100000.
+    pub max_tokens_per_minute: u64,
+    /// At most this many tokens (prompt + completion) per UTC calendar day,
+    /// counted as for `max_tokens_per_minute`. Default: 500000.
+    pub max_tokens_per_day: u64,
+    /// File that keeps today's call and token counts across restarts (JSON,
+    /// replaced atomically). Unset: `slm-swarm start` uses
+    /// `<identity key without extension>.cloud-budget.json` beside the node's
+    /// identity key; a client built directly keeps its counts in memory only.
+    pub budget_file: Option<String>,
     /// Operator preference for the gateway role in the election; higher wins.
     /// Advertised to peers. Default: 0.
     pub priority: i32,
@@ -57,6 +73,10 @@ impl Default for CloudConfig {
             timeout_ms: 30_000,
             max_calls_per_minute: 60,
             max_calls_per_day: 1000,
+            max_tokens_per_call: 1024,
+            max_tokens_per_minute: 100_000,
+            max_tokens_per_day: 500_000,
+            budget_file: None,
             priority: 0,
             probe_interval_ms: 30_000,
         }
@@ -70,6 +90,13 @@ impl fmt::Display for CloudConfig {
 }
 
 impl CloudConfig {
+    /// An escalation's `max_tokens` as sent to the cloud: never more than
+    /// `max_tokens_per_call`, and at least 1 (a peer's 0 or absurd number must
+    /// neither fail the call here nor raise the cost).
+    pub fn clamp_max_tokens(&self, asked: u32) -> u32 {
+        asked.clamp(1, self.max_tokens_per_call.max(1))
+    }
+
     /// Checks every field; the error names the offending key. Returns the parsed
     /// base URL (without a trailing slash) so the client need not parse it again.
     pub fn validate(&self) -> Result<Url, CloudError> {
@@ -119,6 +146,25 @@ impl CloudConfig {
         if self.max_calls_per_day == 0 {
             return bad("cloud.max_calls_per_day must be > 0".to_string());
         }
+        if self.max_tokens_per_call == 0 {
+            return bad("cloud.max_tokens_per_call must be > 0".to_string());
+        }
+        // Smaller windows than one full-size call would leave the gateway
+        // advertising a budget it can never spend.
+        let per_call = u64::from(self.max_tokens_per_call);
+        if self.max_tokens_per_minute < per_call {
+            return bad(format!(
+                "cloud.max_tokens_per_minute must be >= cloud.max_tokens_per_call ({per_call})"
+            ));
+        }
+        if self.max_tokens_per_day < per_call {
+            return bad(format!(
+                "cloud.max_tokens_per_day must be >= cloud.max_tokens_per_call ({per_call})"
+            ));
+        }
+        if self.budget_file.as_deref().is_some_and(|f| f.trim().is_empty()) {
+            return bad("cloud.budget_file must not be empty (leave it out for the default)".to_string());
+        }
         if self.probe_interval_ms == 0 {
             return bad("cloud.probe_interval_ms must be > 0".to_string());
         }
@@ -148,6 +194,10 @@ mod tests {
         assert_eq!(c.timeout_ms, 30_000);
         assert_eq!(c.max_calls_per_minute, 60);
         assert_eq!(c.max_calls_per_day, 1000);
+        assert_eq!(c.max_tokens_per_call, 1024);
+        assert_eq!(c.max_tokens_per_minute, 100_000);
+        assert_eq!(c.max_tokens_per_day, 500_000);
+        assert!(c.budget_file.is_none());
         assert_eq!(c.priority, 0);
         assert_eq!(c.probe_interval_ms, 30_000);
         assert!(c.api_key_env.is_none());
@@ -177,6 +227,16 @@ mod tests {
     }
 
     #[test]
+    fn clamp_max_tokens_bounds_any_number() {
+        let c = with(|c| c.max_tokens_per_call = 300);
+        assert_eq!(c.clamp_max_tokens(0), 1);
+        assert_eq!(c.clamp_max_tokens(1), 1);
+        assert_eq!(c.clamp_max_tokens(300), 300);
+        assert_eq!(c.clamp_max_tokens(301), 300);
+        assert_eq!(c.clamp_max_tokens(u32::MAX), 300);
+    }
+
+    #[test]
     fn rejects_bad_values() {
         let cases = [
             with(|c| c.base_url = "ftp://host/v1".into()),
@@ -190,6 +250,10 @@ mod tests {
             with(|c| c.max_calls_per_minute = 0),
             with(|c| c.max_calls_per_day = 0),
             with(|c| c.probe_interval_ms = 0),
+            with(|c| c.max_tokens_per_call = 0),
+            with(|c| c.max_tokens_per_minute = 1023),
+            with(|c| c.max_tokens_per_day = 1000),
+            with(|c| c.budget_file = Some(" ".into())),
         ];
         for c in cases {
             let err = c.validate().expect_err("must be rejected");

@@ -1,6 +1,6 @@
 //! The HTTP exchanges of `CloudClient` (on its shared state): the request body,
-//! reading an answer or an error within size limits, budget taking, error
-//! classification and redaction, reachability changes.
+//! reading an answer or an error within size limits, budget taking and
+//! settling, error classification and redaction, reachability changes.
 
 use std::sync::atomic::Ordering;
 use std::sync::MutexGuard;
@@ -11,7 +11,7 @@ use reqwest::Response;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use super::budget::Budget;
+use super::budget::{Budget, Reservation};
 use super::client::Inner;
 use super::{error_message_from_json, truncate, ChatMessage, CloudAnswer, CloudError, CloudRequest};
 
@@ -66,6 +66,8 @@ struct Usage {
     prompt_tokens: Option<u32>,
     #[serde(default)]
     completion_tokens: Option<u32>,
+    #[serde(default)]
+    total_tokens: Option<u32>,
 }
 
 impl Inner {
@@ -74,16 +76,63 @@ impl Inner {
         self.budget.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes one call from the budget (or refuses without any network I/O) and
-    /// counts the call as made.
-    pub(super) fn take_budget(&self) -> Result<(), CloudError> {
+    /// `req` with `max_tokens` no higher than this gateway's own limit,
+    /// whatever the caller (or the peer behind it) asked for.
+    pub(super) fn clamped(&self, mut req: CloudRequest) -> CloudRequest {
+        req.max_tokens = self.cfg.clamp_max_tokens(req.max_tokens);
+        req
+    }
+
+    /// Takes one call from the budget and reserves the most it can cost (its
+    /// estimated prompt plus `max_tokens`), or refuses without any network
+    /// I/O; counts the call as made.
+    pub(super) fn take_budget(&self, req: &CloudRequest) -> Result<Reservation, CloudError> {
         let now = self.clock.now_ms();
-        if let Err(e) = self.budget().try_take(now) {
-            debug!(error = %e, "cloud call refused by budget");
-            return Err(e);
+        let tokens = estimate_prompt_tokens(&req.messages).saturating_add(u64::from(req.max_tokens));
+        match self.budget().try_take(now, tokens) {
+            Ok(r) => {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                Ok(r)
+            }
+            Err(e) => {
+                debug!(error = %e, "cloud call refused by budget");
+                Err(e)
+            }
         }
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        Ok(())
+    }
+
+    /// Replaces a call's reservation by what it cost: the usage the endpoint
+    /// reports; nothing for a request it refused with an HTTP error; the whole
+    /// reservation when the cost is unknown (no usage, timeout, cut-off
+    /// answer), since the endpoint may still have billed it.
+    pub(super) fn settle(&self, r: Reservation, result: &Result<CloudAnswer, CloudError>) {
+        let used = match result {
+            Ok(a) => a.total_tokens.map(u64::from),
+            Err(CloudError::Http { .. }) => Some(0),
+            Err(_) => None,
+        };
+        if let Some(used) = used {
+            let now = self.clock.now_ms();
+            self.budget().settle(r, used, now);
+        }
+    }
+
+    /// Saves the day's counts if they changed since the last save. The write
+    /// lock is held across snapshot and write so saves land in order.
+    pub(super) fn flush_budget(&self) {
+        let Some(path) = &self.budget_file else { return };
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let (version, usage) = {
+            let mut b = self.budget();
+            (b.version(), b.usage(self.clock.now_ms()))
+        };
+        if version == *written {
+            return;
+        }
+        match super::persist::save(path, usage) {
+            Ok(()) => *written = version,
+            Err(e) => warn!(error = %e, "cloud budget not saved (kept in memory; retried at the next write)"),
+        }
     }
 
     pub(super) fn timeout_error(&self) -> CloudError {
@@ -179,6 +228,10 @@ impl Inner {
             (None, None) => return Err(CloudError::BadResponse("first choice has no message".to_string())),
         };
         let usage = parsed.usage;
+        let total_tokens = usage.as_ref().and_then(|u| {
+            u.total_tokens
+                .or_else(|| u.prompt_tokens?.checked_add(u.completion_tokens?))
+        });
         Ok(CloudAnswer {
             text,
             model: parsed
@@ -188,6 +241,7 @@ impl Inner {
             latency_ms: 0,
             prompt_tokens: usage.as_ref().and_then(|u| u.prompt_tokens),
             completion_tokens: usage.as_ref().and_then(|u| u.completion_tokens),
+            total_tokens,
         })
     }
 
@@ -242,6 +296,16 @@ impl Inner {
         }
         Ok((buf, false))
     }
+}
+
+/// An upper-end guess of a prompt's tokens, for the reservation: a token is
+/// rarely shorter than 4 bytes of text, plus a few per message for the chat
+/// template. Multibyte text is overestimated, which errs on the safe side.
+pub(super) fn estimate_prompt_tokens(messages: &[ChatMessage]) -> u64 {
+    messages
+        .iter()
+        .map(|m| (m.role.len() + m.content.len()).div_ceil(4) as u64 + 4)
+        .fold(0, u64::saturating_add)
 }
 
 /// The error and its causes on one line ("error sending request …: connection refused").

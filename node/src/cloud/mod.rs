@@ -4,14 +4,17 @@
 //! The API key is read from this node's environment when the client is built
 //! and goes nowhere but the `Authorization` header sent to `base_url`: it is
 //! wrapped in [`ApiKey`] (prints `***`) and redacted from every error text.
-//! Calls are bounded by a deadline and by a per-minute / per-day budget; a call
-//! over budget fails at once without touching the network.
+//! Calls are bounded by a deadline and by a per-minute / per-day budget of
+//! calls and of tokens; a call over budget fails at once without touching the
+//! network. `max_tokens` is clamped to `max_tokens_per_call` whoever asks, and
+//! the day's counters can be kept in a file so a restart does not reset them.
 
 mod budget;
 mod client;
 mod config;
 mod http;
 mod key;
+mod persist;
 mod sse;
 mod stream;
 #[cfg(test)]
@@ -20,7 +23,7 @@ mod tests;
 use thiserror::Error;
 
 pub use crate::inference::ChatMessage;
-pub use budget::{BudgetWindow, Clock, ManualClock, SystemClock};
+pub use budget::{BudgetUnit, BudgetWindow, Clock, ManualClock, SystemClock};
 pub use client::{CloudAnswer, CloudClient, CloudRequest, CloudStatusView, CloudStream};
 pub use config::CloudConfig;
 pub use key::ApiKey;
@@ -38,10 +41,12 @@ pub enum CloudError {
     BadKey { env: String },
     #[error("invalid cloud request: {0}")]
     BadRequest(String),
-    #[error("cloud call budget exhausted: {limit} calls per {window} already made; next call possible in {retry_after_ms} ms")]
+    /// Refused by the call or the token budget, without touching the network.
+    #[error("cloud {unit} budget exhausted: {limit} {unit} per {window} already used; next call possible in {retry_after_ms} ms")]
     BudgetExhausted {
         window: BudgetWindow,
-        limit: u32,
+        unit: BudgetUnit,
+        limit: u64,
         retry_after_ms: u64,
     },
     #[error("cloud endpoint unreachable: {0}")]

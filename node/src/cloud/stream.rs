@@ -20,10 +20,13 @@ impl CloudClient {
     /// request (within `timeout_ms`); the stream then fails with `Timeout` if
     /// the endpoint stays silent for `timeout_ms` between two chunks. A server
     /// that ignores `stream: true` and answers plain JSON is handled too (one item).
+    /// `max_tokens` is clamped to `max_tokens_per_call`. A streamed answer
+    /// carries no usage, so its reservation stands (unless refused at once).
     pub async fn chat_stream(&self, req: CloudRequest) -> Result<CloudStream, CloudError> {
         let inner = Arc::clone(&self.inner);
         check_request(&req)?;
-        inner.take_budget()?;
+        let req = inner.clamped(req);
+        let reservation = inner.take_budget(&req)?;
         let started = Instant::now();
         let opened = match tokio::time::timeout(inner.timeout, inner.open_stream(&req)).await {
             Ok(r) => r,
@@ -31,7 +34,10 @@ impl CloudClient {
         };
         let resp = match opened {
             Ok(r) => r,
-            Err(e) => return Err(inner.failed(e, elapsed_ms(started))),
+            Err(e) => {
+                inner.settle(reservation, &Err(e.clone()));
+                return Err(inner.failed(e, elapsed_ms(started)));
+            }
         };
         inner.mark_reachable(true);
         let is_json = resp
@@ -45,6 +51,7 @@ impl CloudClient {
                     Ok(r) => r,
                     Err(_) => Err(inner.timeout_error()),
                 };
+                inner.settle(reservation, &answer);
                 match answer {
                     Ok(a) => yield Ok(a.text),
                     Err(e) => yield Err(inner.failed(e, elapsed_ms(started))),
