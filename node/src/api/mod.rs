@@ -294,6 +294,8 @@ async fn peers(State(node): State<Node>) -> Json<Value> {
     if let Some(o) = me.as_object_mut() {
         o.insert("peer_id".into(), json!(node.peer_id.to_string()));
         o.insert("name".into(), json!(node.name));
+        // Keyed swarm with a certificate that verified at start (open swarm: false).
+        o.insert("admitted".into(), json!(node.admission.is_some()));
     }
     let peers: Vec<Value> = view
         .peers

@@ -170,6 +170,7 @@ impl Membership {
             }
             NetEvent::Connected(p) => tracing::debug!("connected to {p}"),
             NetEvent::Disconnected(p) => tracing::debug!("disconnected from {p}"),
+            NetEvent::Admitted { .. } | NetEvent::Refused { .. } => tracing::debug!("admission event"),
         }
     }
 
