@@ -74,7 +74,13 @@ impl WireMessage for AuthReply {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use swarm_protocol::{decode_msg, encode_msg, Role, SwarmKey};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use libp2p::identity::Keypair;
+    use swarm_protocol::{decode_msg, encode_msg, Role, SwarmKey, Task, VoteReply, VoteRequest};
+    use tokio::sync::mpsc;
+
+    use crate::network::{spawn, Limits, NetConfig, NetEvent, NetworkHandle, TransportKind};
 
     #[test]
     fn a_full_size_hello_round_trips_within_its_limit() {
@@ -87,14 +93,142 @@ mod tests {
         };
         let bytes = encode_msg(&hello).expect("encode");
         assert_eq!(decode_msg::<AuthHello>(&bytes).expect("decode"), hello);
-        // Oversize certificates are refused before anything is decoded.
+        // Oversize certificates are refused when decoded.
         let big = AuthHello {
             cert: vec![0; MAX_CERT_BYTES + 1],
             revocations: 0,
         };
+        let bytes = swarm_protocol::encode(&big).expect("encode");
+        assert!(decode_msg::<AuthHello>(&bytes).is_err());
+    }
+
+    fn now_ms() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    fn net_cfg(ns: &str, admission: Option<AdmissionSetup>) -> NetConfig {
+        NetConfig {
+            namespace: ns.into(),
+            listen: vec!["/memory/0".parse().expect("addr")],
+            bootstrap: Vec::new(),
+            mdns: false,
+            transport: TransportKind::Memory,
+            request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            heartbeat: Duration::from_millis(200),
+            target_peers: 0,
+            limits: Limits::default(),
+            peers_file: None,
+            admission,
+        }
+    }
+
+    /// A network for a fresh identity holding a certificate signed by `issuer`,
+    /// trusting `trusted`'s swarm.
+    fn node(ns: &str, trusted: &SwarmKey, issuer: &SwarmKey) -> (NetworkHandle, mpsc::Receiver<NetEvent>) {
+        let key = Keypair::generate_ed25519();
+        let me = key.public().to_peer_id().to_string();
+        let now = now_ms();
+        let setup = AdmissionSetup {
+            token: JoinToken::new(trusted.id(), Vec::new()).expect("token"),
+            cert: issuer
+                .invite(&me, Role::Member, now, now + 3_600_000, 1)
+                .expect("cert"),
+            revocations: None,
+        };
+        spawn(key, net_cfg(ns, Some(setup))).expect("spawn")
+    }
+
+    fn vote() -> VoteRequest {
+        VoteRequest {
+            id: 1,
+            messages: vec![swarm_protocol::ChatMessage {
+                role: "user".into(),
+                content: "2+2?".into(),
+            }],
+            task: Task::Short,
+            max_tokens: 4,
+            deadline_ms: 1000,
+            model: None,
+        }
+    }
+
+    /// Waits for the first event `f` picks out (other events are skipped).
+    async fn wait_event<T>(rx: &mut mpsc::Receiver<NetEvent>, mut f: impl FnMut(NetEvent) -> Option<T>) -> T {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let ev = rx.recv().await.expect("network running");
+                if let Some(t) = f(ev) {
+                    return t;
+                }
+            }
+        })
+        .await
+        .expect("event in time")
+    }
+
+    async fn addr_of(h: &NetworkHandle) -> libp2p::Multiaddr {
+        for _ in 0..200 {
+            if let Some(a) = h.listen_addrs().await.expect("addrs").first() {
+                return a.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no listen address");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn members_are_admitted_and_another_swarms_certificate_is_refused() {
+        let ns = "auth-unit";
+        let swarm = SwarmKey::from_seed([7; 32]);
+        let other = SwarmKey::from_seed([8; 32]);
+        let (a, mut a_ev) = node(ns, &swarm, &swarm);
+        let a_addr = addr_of(&a).await;
+        let a_id = a.local_peer_id();
+
+        // A member: admitted both ways, and its vote reaches a's node.
+        let (m, _m_ev) = node(ns, &swarm, &swarm);
+        let m_id = m.local_peer_id();
+        m.dial(a_addr.clone()).await.expect("dial");
+        let role = wait_event(&mut a_ev, |ev| match ev {
+            NetEvent::Admitted { peer, role } if peer == m_id => Some(role),
+            _ => None,
+        })
+        .await;
+        assert_eq!(role, Role::Member);
+        let asked = tokio::spawn(async move { m.vote(a_id, vote(), Duration::from_secs(10)).await });
+        wait_event(&mut a_ev, |ev| match ev {
+            NetEvent::Vote { peer, .. } if peer == m_id => Some(()),
+            _ => None,
+        })
+        .await;
+        asked.abort();
+
+        // A certificate of another swarm: refused with the reason, and nothing of it reaches a's node.
+        let (x, _x_ev) = node(ns, &swarm, &other);
+        let x_id = x.local_peer_id();
+        x.dial(a_addr).await.expect("dial");
+        let reason = wait_event(&mut a_ev, |ev| match ev {
+            NetEvent::Refused { peer, reason } if peer == x_id => Some(reason),
+            NetEvent::Vote { peer, .. } | NetEvent::Admitted { peer, .. } if peer == x_id => {
+                panic!("a peer of another swarm got through")
+            }
+            _ => None,
+        })
+        .await;
+        assert!(reason.contains("another swarm"), "{reason}");
+        let r = x.vote(a_id, vote(), Duration::from_secs(10)).await;
         assert!(
-            encode_msg(&big).is_err()
-                || decode_msg::<AuthHello>(&encode_msg(&big).unwrap_or_default()).is_err()
+            !matches!(r, Ok(VoteReply::Ok(_))),
+            "a refused peer's vote was answered: {r:?}"
         );
+        while let Ok(ev) = a_ev.try_recv() {
+            if let NetEvent::Vote { peer, .. } | NetEvent::Admitted { peer, .. } = ev {
+                assert_ne!(peer, x_id, "a refused peer got through");
+            }
+        }
     }
 }
