@@ -783,7 +783,11 @@ impl Actor {
             return;
         }
         auth.parked.push((peer, Instant::now() + AUTH_TIMEOUT, req));
-        if !self.swarm.is_connected(&peer) {
+        if self.swarm.is_connected(&peer) {
+            // Admitted by us but our own handshake was lost (e.g. its connection
+            // lost a simultaneous-dial race): show the certificate again.
+            self.start_handshake(peer);
+        } else {
             let opts = DialOpts::peer_id(peer)
                 .condition(PeerCondition::DisconnectedAndNotDialing)
                 .build();
@@ -849,10 +853,12 @@ impl Actor {
         let Some(auth) = &mut self.auth else {
             return;
         };
-        if auth.admitted.contains_key(&peer) && auth.accepted_by.contains(&peer) {
+        if auth.accepted_by.contains(&peer) || auth.handshakes.values().any(|p| *p == peer) {
             return;
         }
-        auth.pending.entry(peer).or_insert(Instant::now() + AUTH_TIMEOUT);
+        if !auth.admitted.contains_key(&peer) {
+            auth.pending.entry(peer).or_insert(Instant::now() + AUTH_TIMEOUT);
+        }
         let hello = AuthHello {
             cert: auth.own_bytes.clone(),
             revocations: auth.adm.revocations_serial(),
