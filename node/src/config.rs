@@ -69,8 +69,22 @@ pub struct NodeConfig {
     pub request_timeout_ms: u64,
     pub routing: RoutingConfig,
     pub gateway: GatewayConfig,
+    /// Admission: which swarm to trust and this node's certificate (empty = open swarm).
+    pub swarm: SwarmConfig,
     /// Present only on nodes that may call a cloud model.
     pub cloud: Option<CloudConfig>,
+}
+
+/// A keyed swarm's join token, this node's certificate and a revocation list.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SwarmConfig {
+    /// Join token (text `slmswarm1:…`, or a file holding it); empty = open swarm.
+    pub join: String,
+    /// File holding this node's certificate (`slm-swarm swarm invite`); needed with `join`.
+    pub certificate: String,
+    /// File holding the swarm's signed revocation list (`slm-swarm swarm revoke`); optional.
+    pub revocations: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -146,6 +160,7 @@ impl Default for NodeConfig {
             request_timeout_ms: 120_000,
             routing: RoutingConfig::default(),
             gateway: GatewayConfig::default(),
+            swarm: SwarmConfig::default(),
             cloud: None,
         }
     }
@@ -284,7 +299,51 @@ impl NodeConfig {
         if let Some(c) = &self.cloud {
             c.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
+        let s = &self.swarm;
+        if s.join.is_empty() && (!s.certificate.is_empty() || !s.revocations.is_empty()) {
+            return bad(
+                "swarm.certificate and swarm.revocations need a join token (swarm.join, --join)".into(),
+            );
+        }
+        if !s.join.is_empty() && s.certificate.is_empty() {
+            return bad(
+                "a join token (swarm.join, --join) needs this node's certificate (swarm.certificate, \
+                 --certificate FILE): send the swarm owner this node's peer id (`slm-swarm swarm peer-id`) \
+                 and ask for `slm-swarm swarm invite --dir DIR --peer PEER_ID`"
+                    .into(),
+            );
+        }
         Ok(())
+    }
+
+    /// The admission setup of a keyed swarm (token, certificate, revocation list,
+    /// read from their files), or `None` for an open swarm. The certificate is
+    /// not checked against this node's peer id here: see `node::check_admission`.
+    pub fn admission(&self) -> Result<Option<crate::network::AdmissionSetup>, ConfigError> {
+        let s = &self.swarm;
+        if s.join.is_empty() {
+            return Ok(None);
+        }
+        let bad =
+            |what: &str, e: crate::admission::AdmitFileError| ConfigError::Invalid(format!("{what}: {e}"));
+        let token = crate::admission::join_token_arg(&s.join).map_err(|e| bad("join token", e))?;
+        let cert = crate::admission::read_certificate(Path::new(&s.certificate))
+            .map_err(|e| bad("certificate", e))?;
+        let revocations = if s.revocations.is_empty() {
+            None
+        } else {
+            crate::admission::read_revocations(Path::new(&s.revocations))
+                .map_err(|e| bad("revocations", e))?
+        };
+        if let Some(list) = &revocations {
+            list.verify(&token.swarm)
+                .map_err(|e| ConfigError::Invalid(format!("revocation list {}: {e}", s.revocations)))?;
+        }
+        Ok(Some(crate::network::AdmissionSetup {
+            token,
+            cert,
+            revocations,
+        }))
     }
 
     /// The display name: configured, else the host name.

@@ -19,7 +19,7 @@ use crate::config::NodeConfig;
 use crate::gateway::Gateway;
 use crate::inference::{Backend, WorkerOptions};
 use crate::metrics::Metrics;
-use crate::network::{self, NetConfig, NetworkHandle, TransportKind};
+use crate::network::{self, AdmissionSetup, NetConfig, NetworkHandle, TransportKind};
 use crate::router::{Router, RouterParts};
 use crate::safety::Semantic;
 use crate::served::LocalModels;
@@ -36,6 +36,35 @@ pub enum NodeError {
     Net(#[from] network::NetError),
     #[error("config: {0}")]
     Config(String),
+    #[error("admission: {0}")]
+    Admission(String),
+}
+
+/// The admission setup of `cfg` with this node's own certificate checked for
+/// `peer` (right swarm, right peer id, in its validity window, not revoked), or
+/// `None` for an open swarm. Every refusal says what to do about it.
+pub fn check_admission(cfg: &NodeConfig, peer: &PeerId) -> Result<Option<AdmissionSetup>, NodeError> {
+    let Some(setup) = cfg.admission().map_err(|e| NodeError::Admission(e.to_string()))? else {
+        return Ok(None);
+    };
+    let mut adm = swarm_protocol::Admission::new(setup.token.swarm);
+    if let Some(list) = &setup.revocations {
+        adm.apply_revocations(list.clone())
+            .map_err(|e| NodeError::Admission(format!("revocation list: {e}")))?;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    adm.verify(&setup.cert, &peer.to_string(), now).map_err(|e| {
+        NodeError::Admission(format!(
+            "this node's certificate ({}) does not admit it to swarm {}: {e}. Ask the swarm owner for \
+             one: `slm-swarm swarm invite --dir DIR --peer {peer} [--role cloud]`, and start with \
+             --certificate FILE",
+            cfg.swarm.certificate, setup.token.swarm
+        ))
+    })?;
+    Ok(Some(setup))
 }
 
 /// Load (or create, mode 0600) this node's ed25519 key, and lock the file so two
@@ -119,6 +148,8 @@ pub struct NodeInner {
     /// The cloud client itself, for its budget in the status API and its
     /// final budget write at shutdown.
     pub cloud_client: Option<CloudClient>,
+    /// Keyed swarm: the token and this node's (verified) certificate; `None` = open swarm.
+    pub admission: Option<AdmissionSetup>,
     view: watch::Receiver<Arc<SwarmView>>,
     shutdown_tx: watch::Sender<bool>,
     _identity_lock: Option<std::fs::File>,
@@ -149,10 +180,36 @@ impl Node {
                 })
                 .collect()
         };
+        let admission = check_admission(&cfg, &peer_id)?;
+        let mut bootstrap = parse(&cfg.bootstrap, "bootstrap")?;
+        match &admission {
+            Some(a) => {
+                tracing::info!(
+                    "keyed swarm {}: admitted as {} until {} (Unix ms); only peers with a certificate \
+                     of this swarm are heard",
+                    a.token.swarm,
+                    a.cert.role,
+                    a.cert.expires_ms
+                );
+                // The token's addresses join the configured ones (a bad one is skipped, not fatal).
+                for s in &a.token.bootstrap {
+                    match s.parse::<Multiaddr>() {
+                        Ok(m) if !bootstrap.contains(&m) => bootstrap.push(m),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("join token bootstrap `{s}` ignored: {e}"),
+                    }
+                }
+            }
+            None => tracing::warn!(
+                "OPEN SWARM: no join token, so ANY host that can reach this node's port is a full member \
+                 (it can query, vote, and be elected gateway). Use only on a trusted network; otherwise \
+                 create a swarm key (`slm-swarm swarm init`) and start with --join TOKEN --certificate FILE"
+            ),
+        }
         let net_cfg = NetConfig {
             namespace: cfg.namespace.clone(),
             listen: parse(&cfg.listen, "listen")?,
-            bootstrap: parse(&cfg.bootstrap, "bootstrap")?,
+            bootstrap,
             mdns: cfg.mdns,
             transport: opts.transport,
             request_timeout: Duration::from_millis(cfg.request_timeout_ms.max(1000)),
@@ -175,6 +232,7 @@ impl Node {
                 (TransportKind::Quic, Some(_)) => Some(cfg.peers_file.clone().into()),
                 _ => None,
             },
+            admission: admission.clone(),
         };
         let (net, events) = network::spawn(opts.key, net_cfg)?;
         let models = Arc::new(LocalModels::spawn(
@@ -221,7 +279,14 @@ impl Node {
             net: net.clone(),
             view_tx,
             on_request: Box::new(move |ev| serving.serve(ev)),
-            admission: None,
+            admission: admission.as_ref().map(|a| {
+                let mut adm = swarm_protocol::Admission::new(a.token.swarm);
+                if let Some(list) = &a.revocations {
+                    // Already checked by `check_admission`.
+                    let _ = adm.apply_revocations(list.clone());
+                }
+                (adm, a.cert.clone())
+            }),
             unreachable: unreachable_rx,
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -240,6 +305,7 @@ impl Node {
             started: Instant::now(),
             cloud,
             cloud_client,
+            admission,
             view,
             shutdown_tx,
             _identity_lock: opts.identity_lock,

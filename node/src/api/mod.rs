@@ -304,6 +304,8 @@ async fn peers(State(node): State<Node>) -> Json<Value> {
                        "tokens_left": st.tokens_left, "priority": c.priority()}),
             );
         }
+        // Keyed swarm with a certificate that verified at start (open swarm: false).
+        o.insert("admitted".into(), json!(node.admission.is_some()));
     }
     let peers: Vec<Value> = view
         .peers

@@ -13,7 +13,7 @@ use swarm_node::inference::engine::LoadOptions;
 use swarm_node::inference::{Backend, CandleBackend, Scorer};
 use swarm_node::models;
 use swarm_node::network::TransportKind;
-use swarm_node::node::{load_identity, Node, NodeOptions};
+use swarm_node::node::{check_admission, load_identity, Node, NodeOptions};
 
 use super::models::ensure;
 use super::{ModelArgs, NodeArgs, ServingArgs};
@@ -66,6 +66,17 @@ pub(crate) struct StartArgs {
     /// Environment variable holding the cloud API key.
     #[arg(long)]
     pub cloud_key_env: Option<String>,
+    /// Join a keyed swarm: its join token (`slmswarm1:…`, from `slm-swarm swarm init` or
+    /// `swarm token`), or a file holding it. Needs --certificate. Without a token the
+    /// swarm is open: any host that reaches the port is a full member.
+    #[arg(long, value_name = "TOKEN")]
+    pub join: Option<String>,
+    /// This node's membership certificate (a file from `slm-swarm swarm invite`).
+    #[arg(long, value_name = "FILE")]
+    pub certificate: Option<PathBuf>,
+    /// The swarm's signed revocation list (a file from `slm-swarm swarm revoke`).
+    #[arg(long, value_name = "FILE")]
+    pub revocations: Option<PathBuf>,
     #[command(flatten)]
     pub serving: ServingArgs,
 }
@@ -103,6 +114,15 @@ impl StartArgs {
         }
         if let Some(ms) = self.advert_interval {
             cfg.advert_interval_ms = ms;
+        }
+        if let Some(j) = &self.join {
+            cfg.swarm.join = j.clone();
+        }
+        if let Some(c) = &self.certificate {
+            cfg.swarm.certificate = c.display().to_string();
+        }
+        if let Some(r) = &self.revocations {
+            cfg.swarm.revocations = r.display().to_string();
         }
         if let Some(t) = self.tau_local {
             cfg.routing.tau_local = t;
@@ -207,10 +227,12 @@ pub(super) async fn serve_http(node: Node, listener: tokio::net::TcpListener) ->
 
 pub(super) fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
     let cfg = a.config()?;
-    let backends = load_backends(&a.serving.common, &cfg.models)?;
     let home = models::home_dir();
     let id_path = cfg.identity_path(&home);
     let (key, lock) = load_identity(&id_path)?;
+    // Refuse a bad certificate before spending time on loading models.
+    check_admission(&cfg, &key.public().to_peer_id())?;
+    let backends = load_backends(&a.serving.common, &cfg.models)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let http = cfg.http.clone();
@@ -258,6 +280,13 @@ pub(super) fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
             node.models.ids().cloned().collect::<Vec<_>>().join(", ")
         );
         println!("namespace: {}", node.cfg.namespace);
+        match &node.admission {
+            Some(a) => println!(
+                "swarm: {} (keyed; this node: {}, certificate serial {})",
+                a.token.swarm, a.cert.role, a.cert.serial
+            ),
+            None => println!("swarm: OPEN (no join token: any host reaching the port is a member)"),
+        }
         println!("identity: {}", id_path.display());
         for a in &addrs {
             println!("listening: {a}/p2p/{}", node.peer_id);

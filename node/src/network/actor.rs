@@ -2,11 +2,16 @@
 //! into swarm calls, swarm events into [`NetEvent`]s, validates adverts in
 //! gossipsub, dials mDNS and bootstrap peers (with retry and backoff) and the
 //! peers it hears of (see [`super::peers`]) towards a target degree, keeps the
-//! peers file, and keeps peers of other namespaces away.
+//! peers file, and keeps peers of other namespaces away. In a keyed swarm it
+//! runs the admission handshake on every new connection and keeps peers that
+//! have not passed it (or were refused) away from the node: their requests are
+//! answered `Unauthorized`, their gossip is dropped, and after a refusal or
+//! [`AUTH_TIMEOUT`] without a valid certificate they are disconnected and blocked.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use libp2p::core::transport::MemoryTransport;
@@ -18,11 +23,16 @@ use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{identify, mdns, noise, yamux, Multiaddr, PeerId, Swarm, Transport};
-use swarm_protocol::{decode_msg, Advert, ErrorCode, EscalateReply, QueryReply, VoteReply, WireError};
+use swarm_protocol::admission::MAX_CLOCK_SKEW_MS;
+use swarm_protocol::{
+    decode_msg, Admission, Advert, Certificate, ErrorCode, EscalateReply, EscalateRequest, QueryReply,
+    QueryRequest, Revocations, Role, VoteReply, VoteRequest, WireError,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::behaviour::{identify_version, Behaviour, BehaviourEvent};
+use super::auth::{AuthHello, AuthReply};
+use super::behaviour::{identify_version, Behaviour, BehaviourEvent, AUTH_TIMEOUT};
 use super::peers::{self, PeerBook, MAX_KNOWN_PEERS};
 use super::{Command, NetConfig, NetError, NetEvent, NetworkHandle, Reply, TransportKind};
 
@@ -38,6 +48,71 @@ const MAX_FOREIGN: usize = 1024;
 /// keep-alive every second, five lost in a row are needed on a live link.
 const QUIC_IDLE_MS: u32 = 5_000;
 const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// A refused peer stays blocked this long, so a re-issued certificate can rejoin later.
+const BLOCK_FOR: Duration = Duration::from_secs(600);
+/// Most peers blocked at once (the oldest block is lifted first).
+const MAX_BLOCKED: usize = 4096;
+/// Outbound requests waiting for a peer's admission.
+const MAX_PARKED: usize = 256;
+/// A refused peer is blocked this long after the refusal is sent, so the
+/// refusal (which says why) reaches it first.
+const REFUSE_GRACE: Duration = Duration::from_millis(300);
+/// The revocation list in force is re-published this often (peers that
+/// joined since learn it); also soon after a peer shows an older one.
+const REPUBLISH_EVERY: Duration = Duration::from_secs(30);
+const REPUBLISH_SOON: Duration = Duration::from_secs(1);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// An outbound request held until its peer is admitted.
+enum Parked {
+    Vote(VoteRequest, Reply<VoteReply>),
+    Query(QueryRequest, Reply<QueryReply>),
+    Escalate(EscalateRequest, Reply<EscalateReply>),
+}
+
+impl Parked {
+    fn fail(self, e: NetError) {
+        match self {
+            Parked::Vote(_, tx) => {
+                let _ = tx.send(Err(e));
+            }
+            Parked::Query(_, tx) => {
+                let _ = tx.send(Err(e));
+            }
+            Parked::Escalate(_, tx) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    }
+}
+
+/// Admission state of a keyed swarm.
+struct Auth {
+    adm: Admission,
+    own: Certificate,
+    own_bytes: Vec<u8>,
+    own_expiry_warned: bool,
+    rev_topic: IdentTopic,
+    /// Peers whose certificate verified, with it (re-checked on expiry and new lists).
+    admitted: HashMap<PeerId, Certificate>,
+    /// Peers that accepted our certificate: requests to them may go out.
+    accepted_by: HashSet<PeerId>,
+    /// Connected peers still in the handshake, with their deadline.
+    pending: HashMap<PeerId, Instant>,
+    /// Refused peers to block once the refusal has had time to leave.
+    refusing: Vec<(PeerId, Instant)>,
+    /// Blocked peers and when to lift the block.
+    blocked: HashMap<PeerId, Instant>,
+    handshakes: HashMap<OutboundRequestId, PeerId>,
+    parked: Vec<(PeerId, Instant, Parked)>,
+    next_republish: Instant,
+}
 
 struct Bootstrap {
     addr: Multiaddr,
@@ -64,6 +139,8 @@ struct Actor {
     votes: HashMap<OutboundRequestId, (PeerId, Reply<VoteReply>)>,
     queries: HashMap<OutboundRequestId, (PeerId, Reply<QueryReply>)>,
     escalations: HashMap<OutboundRequestId, (PeerId, Reply<EscalateReply>)>,
+    /// `None`: open swarm.
+    auth: Option<Auth>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -120,12 +197,43 @@ pub fn spawn(key: Keypair, cfg: NetConfig) -> Result<(NetworkHandle, mpsc::Recei
         .gossipsub
         .subscribe(&topic)
         .map_err(|e| NetError::Setup(format!("subscribe: {e}")))?;
+    let now = Instant::now();
+    let auth = match &cfg.admission {
+        Some(setup) => {
+            let rev_topic = IdentTopic::new(cfg.revocations_topic());
+            swarm
+                .behaviour_mut()
+                .gossipsub
+                .subscribe(&rev_topic)
+                .map_err(|e| NetError::Setup(format!("subscribe: {e}")))?;
+            let mut adm = Admission::new(setup.token.swarm);
+            if let Some(list) = &setup.revocations {
+                adm.apply_revocations(list.clone())
+                    .map_err(|e| NetError::Setup(format!("revocation list: {e}")))?;
+            }
+            Some(Auth {
+                adm,
+                own_bytes: setup.cert.to_bytes(),
+                own: setup.cert.clone(),
+                own_expiry_warned: false,
+                rev_topic,
+                admitted: HashMap::new(),
+                accepted_by: HashSet::new(),
+                pending: HashMap::new(),
+                refusing: Vec::new(),
+                blocked: HashMap::new(),
+                handshakes: HashMap::new(),
+                parked: Vec::new(),
+                next_republish: now + REPUBLISH_SOON,
+            })
+        }
+        None => None,
+    };
     for addr in &cfg.listen {
         swarm
             .listen_on(addr.clone())
             .map_err(|e| NetError::Setup(format!("cannot listen on {addr}: {e}")))?;
     }
-    let now = Instant::now();
     let bootstrap = cfg
         .bootstrap
         .iter()
@@ -173,9 +281,17 @@ pub fn spawn(key: Keypair, cfg: NetConfig) -> Result<(NetworkHandle, mpsc::Recei
         votes: HashMap::new(),
         queries: HashMap::new(),
         escalations: HashMap::new(),
+        auth,
     };
     tokio::spawn(actor.run(cmd_rx));
     Ok((NetworkHandle { tx: cmd_tx, local }, ev_rx))
+}
+
+fn unauthorized() -> WireError {
+    WireError {
+        code: ErrorCode::Unauthorized,
+        message: "not admitted to this swarm: present a valid certificate first".into(),
+    }
 }
 
 fn overloaded() -> WireError {
@@ -203,6 +319,7 @@ impl Actor {
                 },
                 ev = self.swarm.select_next_some() => self.swarm_event(ev),
                 _ = tick.tick() => {
+                    self.auth_tick();
                     self.redial_bootstrap();
                     self.dial_known();
                     self.maybe_save();
@@ -228,18 +345,9 @@ impl Actor {
                     tracing::trace!("advert not published: {e}");
                 }
             }
-            Command::Vote(peer, req, reply) => {
-                let id = b.vote.send_request(&peer, req);
-                self.votes.insert(id, (peer, reply));
-            }
-            Command::Query(peer, req, reply) => {
-                let id = b.query.send_request(&peer, req);
-                self.queries.insert(id, (peer, reply));
-            }
-            Command::Escalate(peer, req, reply) => {
-                let id = b.escalate.send_request(&peer, req);
-                self.escalations.insert(id, (peer, reply));
-            }
+            Command::Vote(peer, req, reply) => self.send_or_park(peer, Parked::Vote(req, reply)),
+            Command::Query(peer, req, reply) => self.send_or_park(peer, Parked::Query(req, reply)),
+            Command::Escalate(peer, req, reply) => self.send_or_park(peer, Parked::Escalate(req, reply)),
             Command::RespondVote(ch, r) => {
                 let _ = b.vote.send_response(ch, r);
             }
@@ -402,6 +510,7 @@ impl Actor {
                 self.book.connected(&peer_id, via, Instant::now());
                 if num_established.get() == 1 {
                     let _ = self.emit(NetEvent::Connected(peer_id));
+                    self.start_handshake(peer_id);
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -414,11 +523,26 @@ impl Actor {
                     b.next_try = now + b.backoff;
                 }
                 self.book.disconnected(&peer_id, now);
+                if let Some(auth) = &mut self.auth {
+                    // Admission is per connection: a returning peer shows its certificate again.
+                    auth.admitted.remove(&peer_id);
+                    auth.accepted_by.remove(&peer_id);
+                    auth.pending.remove(&peer_id);
+                }
+                self.fail_parked(&peer_id, "disconnected before admission");
                 let _ = self.emit(NetEvent::Disconnected(peer_id));
             }
             SwarmEvent::OutgoingConnectionError {
-                connection_id, error, ..
+                connection_id,
+                error,
+                peer_id,
+                ..
             } => {
+                if let Some(p) = peer_id {
+                    if !self.swarm.is_connected(&p) {
+                        self.fail_parked(&p, "unreachable");
+                    }
+                }
                 for b in self
                     .bootstrap
                     .iter_mut()
@@ -443,6 +567,35 @@ impl Actor {
                 message_id,
                 message,
             }) => {
+                if let Some(auth) = &self.auth {
+                    // Only admitted peers are heard: anything else is dropped, not passed on.
+                    let admitted = auth.admitted.contains_key(&propagation_source);
+                    let is_rev = message.topic == auth.rev_topic.hash();
+                    if !admitted || is_rev {
+                        let acceptance = if admitted {
+                            self.revocations_message(&message.data)
+                        } else {
+                            tracing::debug!("gossip from {propagation_source} (not admitted) dropped");
+                            MessageAcceptance::Ignore
+                        };
+                        self.swarm
+                            .behaviour_mut()
+                            .gossipsub
+                            .report_message_validation_result(&message_id, &propagation_source, acceptance);
+                        return;
+                    }
+                }
+                if message.topic != self.topic.hash() {
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            MessageAcceptance::Reject,
+                        );
+                    return;
+                }
                 let verdict = match decode_msg::<Advert>(&message.data) {
                     // The advert must speak for the key that signed it.
                     Ok(a) if message.source.map(|s| s.to_string()) == Some(a.peer.clone()) => Some(a),
@@ -520,8 +673,20 @@ impl Actor {
             }
             BehaviourEvent::Identify(_) | BehaviourEvent::Ping(_) => {}
             BehaviourEvent::Limits(never) => match never {},
+            BehaviourEvent::Blocked(never) => match never {},
+            BehaviourEvent::Auth(ev) => self.auth_event(ev),
             BehaviourEvent::Vote(ev) => {
                 if let Some((peer, req, channel)) = rr_event(ev, &mut self.votes) {
+                    if !self.is_admitted(&peer) {
+                        // Never reaches the node: no model load, no cloud call.
+                        tracing::debug!("vote request from {peer} (not admitted) refused");
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .vote
+                            .send_response(channel, VoteReply::Err(unauthorized()));
+                        return;
+                    }
                     if let Err(ev) = self.emit(NetEvent::Vote { peer, req, channel }) {
                         let NetEvent::Vote { channel, .. } = *ev else {
                             return;
@@ -536,6 +701,16 @@ impl Actor {
             }
             BehaviourEvent::Query(ev) => {
                 if let Some((peer, req, channel)) = rr_event(ev, &mut self.queries) {
+                    if !self.is_admitted(&peer) {
+                        // Never reaches the node: no model load, no cloud call.
+                        tracing::debug!("query request from {peer} (not admitted) refused");
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .query
+                            .send_response(channel, QueryReply::Err(unauthorized()));
+                        return;
+                    }
                     if let Err(ev) = self.emit(NetEvent::Query { peer, req, channel }) {
                         let NetEvent::Query { channel, .. } = *ev else {
                             return;
@@ -550,6 +725,16 @@ impl Actor {
             }
             BehaviourEvent::Escalate(ev) => {
                 if let Some((peer, req, channel)) = rr_event(ev, &mut self.escalations) {
+                    if !self.is_admitted(&peer) {
+                        // Never reaches the node: no model load, no cloud call.
+                        tracing::debug!("escalate request from {peer} (not admitted) refused");
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .escalate
+                            .send_response(channel, EscalateReply::Err(unauthorized()));
+                        return;
+                    }
                     if let Err(ev) = self.emit(NetEvent::Escalate { peer, req, channel }) {
                         let NetEvent::Escalate { channel, .. } = *ev else {
                             return;
@@ -561,6 +746,419 @@ impl Actor {
                             .send_response(channel, EscalateReply::Err(overloaded()));
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Admission (keyed swarms); every method is a no-op or a pass-through in an open swarm.
+impl Actor {
+    /// May `peer`'s requests and gossip reach the node?
+    fn is_admitted(&self, peer: &PeerId) -> bool {
+        self.auth.as_ref().is_none_or(|a| a.admitted.contains_key(peer))
+    }
+
+    /// Send a request now if the peer is admitted both ways (or the swarm is
+    /// open); park it while the handshake runs; refuse it at once if the peer
+    /// is blocked.
+    fn send_or_park(&mut self, peer: PeerId, req: Parked) {
+        let Some(auth) = &mut self.auth else {
+            self.send_now(peer, req);
+            return;
+        };
+        if auth.admitted.contains_key(&peer) && auth.accepted_by.contains(&peer) {
+            self.send_now(peer, req);
+            return;
+        }
+        let refused = |reason: &str| NetError::NotAdmitted {
+            peer: peer.to_string(),
+            reason: reason.into(),
+        };
+        if auth.blocked.contains_key(&peer) || auth.refusing.iter().any(|(p, _)| *p == peer) {
+            req.fail(refused("refused by this node"));
+            return;
+        }
+        if auth.parked.len() >= MAX_PARKED {
+            req.fail(refused("too many requests waiting for admission"));
+            return;
+        }
+        auth.parked.push((peer, Instant::now() + AUTH_TIMEOUT, req));
+        if self.swarm.is_connected(&peer) {
+            // Admitted by us but our own handshake was lost (e.g. its connection
+            // lost a simultaneous-dial race): show the certificate again.
+            self.start_handshake(peer);
+        } else {
+            let opts = DialOpts::peer_id(peer)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                if !matches!(e, DialError::DialPeerConditionFalse(_)) {
+                    self.fail_parked(&peer, &format!("cannot dial: {e}"));
+                }
+            }
+        }
+    }
+
+    fn send_now(&mut self, peer: PeerId, req: Parked) {
+        let b = self.swarm.behaviour_mut();
+        match req {
+            Parked::Vote(req, reply) => {
+                let id = b.vote.send_request(&peer, req);
+                self.votes.insert(id, (peer, reply));
+            }
+            Parked::Query(req, reply) => {
+                let id = b.query.send_request(&peer, req);
+                self.queries.insert(id, (peer, reply));
+            }
+            Parked::Escalate(req, reply) => {
+                let id = b.escalate.send_request(&peer, req);
+                self.escalations.insert(id, (peer, reply));
+            }
+        }
+    }
+
+    /// Fail every request parked for `peer`.
+    fn fail_parked(&mut self, peer: &PeerId, reason: &str) {
+        let Some(auth) = &mut self.auth else {
+            return;
+        };
+        let (failed, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut auth.parked)
+            .into_iter()
+            .partition(|(p, _, _)| p == peer);
+        auth.parked = kept;
+        for (_, _, req) in failed {
+            req.fail(NetError::NotAdmitted {
+                peer: peer.to_string(),
+                reason: reason.into(),
+            });
+        }
+    }
+
+    /// Send the requests parked for `peer` (now admitted both ways).
+    fn release_parked(&mut self, peer: &PeerId) {
+        let Some(auth) = &mut self.auth else {
+            return;
+        };
+        let (ready, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut auth.parked)
+            .into_iter()
+            .partition(|(p, _, _)| p == peer);
+        auth.parked = kept;
+        for (p, _, req) in ready {
+            self.send_now(p, req);
+        }
+    }
+
+    /// First connection to `peer`: show our certificate and start its clock.
+    fn start_handshake(&mut self, peer: PeerId) {
+        let Some(auth) = &mut self.auth else {
+            return;
+        };
+        if auth.accepted_by.contains(&peer) || auth.handshakes.values().any(|p| *p == peer) {
+            return;
+        }
+        if !auth.admitted.contains_key(&peer) {
+            auth.pending.entry(peer).or_insert(Instant::now() + AUTH_TIMEOUT);
+        }
+        let hello = AuthHello {
+            cert: auth.own_bytes.clone(),
+            revocations: auth.adm.revocations_serial(),
+        };
+        if let Some(rr) = self.swarm.behaviour_mut().auth.as_mut() {
+            let id = rr.send_request(&peer, hello);
+            auth.handshakes.insert(id, peer);
+        }
+    }
+
+    /// Checks a certificate `peer` presented; admits it if valid.
+    fn check_cert(&mut self, peer: PeerId, hello: &AuthHello) -> Result<Role, String> {
+        let Some(auth) = &mut self.auth else {
+            return Err("open swarm".into());
+        };
+        let cert = Certificate::from_bytes(&hello.cert).map_err(|e| e.to_string())?;
+        let role = auth
+            .adm
+            .verify(&cert, &peer.to_string(), now_ms())
+            .map_err(|e| e.to_string())?;
+        if hello.revocations < auth.adm.revocations_serial() {
+            // The peer missed a revocation: pass ours on soon.
+            auth.next_republish = auth.next_republish.min(Instant::now() + REPUBLISH_SOON);
+        }
+        auth.pending.remove(&peer);
+        let new = auth.admitted.insert(peer, cert).is_none();
+        if new {
+            tracing::info!("peer {peer} admitted ({role})");
+            let _ = self.emit(NetEvent::Admitted { peer, role });
+        }
+        Ok(role)
+    }
+
+    /// Refuse `peer`: not admitted, nothing of it reaches the node, and it is
+    /// disconnected and blocked (after `grace`, so a refusal can leave first).
+    fn refuse(&mut self, peer: PeerId, reason: String, grace: Duration) {
+        let Some(auth) = &mut self.auth else {
+            return;
+        };
+        auth.admitted.remove(&peer);
+        auth.accepted_by.remove(&peer);
+        auth.pending.remove(&peer);
+        if !auth.refusing.iter().any(|(p, _)| *p == peer) && !auth.blocked.contains_key(&peer) {
+            tracing::warn!("peer {peer} refused: {reason}");
+            auth.refusing.push((peer, Instant::now() + grace));
+            let _ = self.emit(NetEvent::Refused {
+                peer,
+                reason: reason.clone(),
+            });
+        }
+        self.fail_parked(&peer, &reason);
+    }
+
+    fn block(&mut self, peer: PeerId) {
+        let Some(auth) = &mut self.auth else {
+            return;
+        };
+        if auth.blocked.len() >= MAX_BLOCKED {
+            if let Some(oldest) = auth.blocked.iter().min_by_key(|(_, t)| **t).map(|(p, _)| *p) {
+                auth.blocked.remove(&oldest);
+                self.swarm.behaviour_mut().blocked.unblock_peer(oldest);
+            }
+        }
+        let Some(auth) = &mut self.auth else {
+            return;
+        };
+        auth.blocked.insert(peer, Instant::now() + BLOCK_FOR);
+        self.book.remove(&peer);
+        // Closes its connections too.
+        self.swarm.behaviour_mut().blocked.block_peer(peer);
+    }
+
+    fn auth_event(&mut self, ev: request_response::Event<AuthHello, AuthReply>) {
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    let reply = match self.check_cert(peer, &request) {
+                        Ok(_) => match &self.auth {
+                            Some(auth) => AuthReply::Ok(AuthHello {
+                                cert: auth.own_bytes.clone(),
+                                revocations: auth.adm.revocations_serial(),
+                            }),
+                            None => return,
+                        },
+                        Err(reason) => {
+                            self.refuse(peer, format!("invalid certificate: {reason}"), REFUSE_GRACE);
+                            AuthReply::Err(WireError {
+                                code: ErrorCode::Unauthorized,
+                                message: swarm_protocol::clip_owned(
+                                    reason,
+                                    swarm_protocol::message::MAX_ERROR_LEN,
+                                ),
+                            })
+                        }
+                    };
+                    if let Some(rr) = self.swarm.behaviour_mut().auth.as_mut() {
+                        let _ = rr.send_response(channel, reply);
+                    }
+                }
+                request_response::Message::Response { request_id, response } => {
+                    if let Some(auth) = &mut self.auth {
+                        auth.handshakes.remove(&request_id);
+                    }
+                    match response {
+                        AuthReply::Ok(hello) => match self.check_cert(peer, &hello) {
+                            Ok(_) => {
+                                if let Some(auth) = &mut self.auth {
+                                    auth.accepted_by.insert(peer);
+                                }
+                                self.release_parked(&peer);
+                            }
+                            Err(reason) => {
+                                self.refuse(peer, format!("invalid certificate: {reason}"), Duration::ZERO)
+                            }
+                        },
+                        AuthReply::Err(e) => {
+                            // Our own certificate was refused: nothing will work with this peer.
+                            tracing::error!(
+                                "peer {peer} refused this node's certificate: {}; ask the swarm owner \
+                                 for a new one (`slm-swarm swarm invite`)",
+                                e.message
+                            );
+                            self.fail_parked(&peer, "it refused this node's certificate");
+                            let _ = self.swarm.disconnect_peer_id(peer);
+                        }
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(auth) = &mut self.auth {
+                    auth.handshakes.remove(&request_id);
+                }
+                if matches!(error, request_response::OutboundFailure::UnsupportedProtocols) {
+                    self.refuse(
+                        peer,
+                        "does not speak the admission protocol (an open or foreign swarm)".into(),
+                        Duration::ZERO,
+                    );
+                } else {
+                    tracing::debug!("admission handshake with {peer} failed: {error}");
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!("admission request from {peer} failed: {error}");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// A revocation list gossiped by an admitted peer: adopt it if newer, then
+    /// drop admitted peers it revokes.
+    fn revocations_message(&mut self, data: &[u8]) -> MessageAcceptance {
+        let Some(auth) = &mut self.auth else {
+            return MessageAcceptance::Ignore;
+        };
+        let list = match Revocations::from_bytes(data) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!("invalid revocation list: {e}");
+                return MessageAcceptance::Reject;
+            }
+        };
+        let serial = list.serial;
+        match auth.adm.apply_revocations(list.clone()) {
+            Ok(true) => {
+                tracing::info!("revocation list version {serial} adopted");
+                // Membership drops revoked authors of adverts relayed by others too.
+                let _ = self.emit(NetEvent::Revocations(Box::new(list)));
+                self.recheck_admitted();
+                MessageAcceptance::Accept
+            }
+            Ok(false) => {
+                if serial < auth.adm.revocations_serial() {
+                    auth.next_republish = auth.next_republish.min(Instant::now() + REPUBLISH_SOON);
+                }
+                MessageAcceptance::Ignore
+            }
+            Err(e) => {
+                tracing::debug!("revocation list refused: {e}");
+                MessageAcceptance::Reject
+            }
+        }
+    }
+
+    /// Re-verify every admitted peer (after a new revocation list or as
+    /// certificates expire); revoked ones are refused and blocked, expired ones
+    /// only disconnected (a renewed certificate may come straight back).
+    fn recheck_admitted(&mut self) {
+        let Some(auth) = &self.auth else {
+            return;
+        };
+        let now = now_ms();
+        let mut revoked = Vec::new();
+        let mut expired = Vec::new();
+        for (p, cert) in &auth.admitted {
+            match auth.adm.verify(cert, &p.to_string(), now) {
+                Ok(_) => {}
+                Err(swarm_protocol::AdmissionError::Expired { .. }) => expired.push(*p),
+                Err(e) => revoked.push((*p, e.to_string())),
+            }
+        }
+        for (p, reason) in revoked {
+            self.refuse(p, reason, Duration::ZERO);
+        }
+        for p in expired {
+            if let Some(auth) = &mut self.auth {
+                auth.admitted.remove(&p);
+                auth.accepted_by.remove(&p);
+            }
+            tracing::info!("certificate of {p} expired: disconnecting");
+            let _ = self.emit(NetEvent::Refused {
+                peer: p,
+                reason: "certificate expired".into(),
+            });
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
+    }
+
+    /// Deadlines of the handshake: slow peers are refused, refusals become
+    /// blocks, blocks expire, parked requests time out, expired certificates
+    /// are dropped, and the revocation list is re-published.
+    fn auth_tick(&mut self) {
+        let Some(auth) = &mut self.auth else {
+            return;
+        };
+        let now = Instant::now();
+        let wall = now_ms();
+        let late: Vec<PeerId> = auth
+            .pending
+            .iter()
+            .filter(|(p, t)| **t <= now && !auth.admitted.contains_key(*p))
+            .map(|(p, _)| *p)
+            .collect();
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut auth.refusing)
+            .into_iter()
+            .partition(|(_, t)| *t <= now);
+        auth.refusing = waiting;
+        let lifted: Vec<PeerId> = auth
+            .blocked
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in &lifted {
+            auth.blocked.remove(p);
+        }
+        let (stale, parked): (Vec<_>, Vec<_>) = std::mem::take(&mut auth.parked)
+            .into_iter()
+            .partition(|(_, t, _)| *t <= now);
+        auth.parked = parked;
+        let expiring = auth
+            .admitted
+            .values()
+            .any(|c| wall >= c.expires_ms.saturating_add(MAX_CLOCK_SKEW_MS));
+        if !auth.own_expiry_warned && wall >= auth.own.expires_ms {
+            auth.own_expiry_warned = true;
+            tracing::error!(
+                "this node's certificate expired: peers will refuse it; ask the swarm owner for a new one \
+                 (`slm-swarm swarm invite --peer {}`) and restart with it",
+                auth.own.peer
+            );
+        }
+        let republish = (now >= auth.next_republish)
+            .then(|| {
+                auth.next_republish = now + REPUBLISH_EVERY;
+                auth.adm
+                    .revocations()
+                    .map(|l| (auth.rev_topic.clone(), l.to_bytes()))
+            })
+            .flatten();
+        for p in lifted {
+            self.swarm.behaviour_mut().blocked.unblock_peer(p);
+        }
+        for p in late {
+            self.refuse(
+                p,
+                format!("no valid certificate within {} s", AUTH_TIMEOUT.as_secs()),
+                Duration::ZERO,
+            );
+        }
+        for (p, _) in due {
+            self.block(p);
+        }
+        for (p, _, req) in stale {
+            req.fail(NetError::NotAdmitted {
+                peer: p.to_string(),
+                reason: format!("not admitted within {} s", AUTH_TIMEOUT.as_secs()),
+            });
+        }
+        if expiring {
+            self.recheck_admitted();
+        }
+        if let Some((topic, bytes)) = republish {
+            if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(topic, bytes) {
+                tracing::trace!("revocation list not published: {e}");
             }
         }
     }

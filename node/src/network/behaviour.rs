@@ -1,29 +1,39 @@
-//! The composed libp2p behaviour: connection limits, gossipsub for adverts,
-//! mDNS, identify, ping, and three request-response protocols (query, vote,
-//! escalate) with bounded concurrent streams, all named with the swarm's
-//! namespace so two swarms on one LAN never mix.
+//! The composed libp2p behaviour: a block list (refused peers), connection
+//! limits, gossipsub for adverts (and revocation lists in keyed swarms), mDNS,
+//! identify, ping, the admission handshake (keyed swarms only) and three
+//! request-response protocols (query, vote, escalate) with bounded concurrent
+//! streams, all named with the swarm's namespace so two swarms on one LAN never mix.
 
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
+use libp2p::allow_block_list::{self, BlockedPeers};
 use libp2p::identity::Keypair;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{connection_limits, gossipsub, identify, mdns, ping, StreamProtocol};
+use swarm_protocol::admission::MAX_REVOCATIONS_BYTES;
 use swarm_protocol::codec::MAX_ADVERT_BYTES;
 use swarm_protocol::{EscalateReply, EscalateRequest, QueryReply, QueryRequest, VoteReply, VoteRequest};
 
+use super::auth::{AuthHello, AuthReply};
 use super::codec::WireCodec;
 use super::{NetConfig, NetError};
 
 pub type QueryCodec = WireCodec<QueryRequest, QueryReply>;
 pub type VoteCodec = WireCodec<VoteRequest, VoteReply>;
 pub type EscalateCodec = WireCodec<EscalateRequest, EscalateReply>;
+pub type AuthCodec = WireCodec<AuthHello, AuthReply>;
+
+/// How long a peer has to complete the admission handshake.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
-    /// First, so a connection over the limits is refused before any other behaviour sees it.
+    /// Refused peers: denied before any other behaviour sees their connections.
+    pub blocked: allow_block_list::Behaviour<BlockedPeers>,
+    /// Then, so a connection over the limits is refused before any other behaviour sees it.
     pub limits: connection_limits::Behaviour,
     pub gossipsub: gossipsub::Behaviour,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
@@ -32,6 +42,9 @@ pub struct Behaviour {
     pub query: request_response::Behaviour<QueryCodec>,
     pub vote: request_response::Behaviour<VoteCodec>,
     pub escalate: request_response::Behaviour<EscalateCodec>,
+    /// The admission handshake; off in an open swarm, so a keyed node refuses
+    /// an open one (it does not speak the protocol).
+    pub auth: Toggle<request_response::Behaviour<AuthCodec>>,
 }
 
 /// identify's protocol version: carries the namespace so foreign swarms can be told apart.
@@ -42,7 +55,14 @@ pub fn identify_version(ns: &str) -> String {
 impl Behaviour {
     pub fn new(key: &Keypair, cfg: &NetConfig) -> Result<Self, NetError> {
         let setup = |e: String| NetError::Setup(e);
-        let gs_cfg = gossipsub::ConfigBuilder::default()
+        let rev_topic = gossipsub::IdentTopic::new(cfg.revocations_topic()).hash();
+        let rev_id_topic = rev_topic.clone();
+        let mut gs_builder = gossipsub::ConfigBuilder::default();
+        if cfg.admission.is_some() {
+            // A full revocation list is far larger than an advert; only this topic gets the room.
+            gs_builder.max_transmit_size_for_topic(MAX_REVOCATIONS_BYTES + 1024, rev_topic);
+        }
+        let gs_cfg = gs_builder
             .heartbeat_interval(cfg.heartbeat)
             .validation_mode(gossipsub::ValidationMode::Strict)
             // The node validates each advert (decode + checks + author == peer)
@@ -50,10 +70,15 @@ impl Behaviour {
             .validate_messages()
             .max_transmit_size(MAX_ADVERT_BYTES)
             // Adverts are idempotent state: the same bytes twice are one message.
-            .message_id_fn(|m: &gossipsub::Message| {
+            .message_id_fn(move |m: &gossipsub::Message| {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
                 m.data.hash(&mut h);
                 m.source.hash(&mut h);
+                // A revocation list is re-published unchanged (for peers that
+                // joined later): each publication must be a new message.
+                if m.topic == rev_id_topic {
+                    m.sequence_number.hash(&mut h);
+                }
                 gossipsub::MessageId::from(h.finish().to_be_bytes().to_vec())
             })
             .build()
@@ -121,6 +146,17 @@ impl Behaviour {
                 [(proto("escalate")?, ProtocolSupport::Full)],
                 rr_cfg,
             ),
+            auth: Toggle::from(match cfg.admission {
+                Some(_) => Some(request_response::Behaviour::with_codec(
+                    AuthCodec::default(),
+                    [(proto("auth")?, ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(AUTH_TIMEOUT)
+                        .with_max_concurrent_streams(4),
+                )),
+                None => None,
+            }),
+            blocked: allow_block_list::Behaviour::default(),
         })
     }
 }

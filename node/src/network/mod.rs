@@ -5,8 +5,11 @@
 //! swarms (simnet's real tier); mDNS for the LAN, bootstrap peers elsewhere,
 //! and peers heard of in adverts (or remembered in the peers file) dialled
 //! towards a target degree, so the mesh outlives any one bootstrap node.
+//! In a keyed swarm (a join token and a certificate) peers must pass the
+//! admission handshake (see [`auth`]) before anything they send is used.
 
 pub mod actor;
+pub mod auth;
 pub mod behaviour;
 pub mod codec;
 pub mod peers;
@@ -23,6 +26,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
 pub use actor::spawn;
+pub use auth::AdmissionSetup;
 
 #[derive(Debug, Error, Clone)]
 pub enum NetError {
@@ -36,6 +40,8 @@ pub enum NetError {
     Stopped,
     #[error("bad multiaddr `{0}`")]
     BadAddr(String),
+    #[error("peer {peer} is not admitted to this swarm: {reason}")]
+    NotAdmitted { peer: String, reason: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +71,9 @@ pub struct NetConfig {
     /// Where known peers are kept across restarts; `None` = nowhere (memory
     /// swarms and throwaway identities write no file).
     pub peers_file: Option<PathBuf>,
+    /// Keyed swarm: only peers with a valid certificate are served and heard;
+    /// `None` = open swarm (every peer that reaches the port is a member).
+    pub admission: Option<AdmissionSetup>,
 }
 
 /// Connection and stream limits (libp2p `connection_limits`, request-response).
@@ -98,6 +107,11 @@ impl NetConfig {
         format!("slm-swarm/{}/adverts/1", self.namespace)
     }
 
+    /// Gossip topic of the swarm key's signed revocation list (keyed swarms).
+    pub fn revocations_topic(&self) -> String {
+        format!("slm-swarm/{}/revocations/1", self.namespace)
+    }
+
     pub fn protocol(&self, name: &str) -> String {
         format!("/slm-swarm/{}/{name}/1", self.namespace)
     }
@@ -127,6 +141,20 @@ pub enum NetEvent {
     Connected(PeerId),
     Disconnected(PeerId),
     ListenAddr(Multiaddr),
+    /// Keyed swarm: `peer` showed a valid certificate granting `role`; until
+    /// then nothing it sends reaches the node (open swarms never emit this).
+    Admitted {
+        peer: PeerId,
+        role: swarm_protocol::Role,
+    },
+    /// Keyed swarm: `peer` was disconnected (and blocked for a while, unless its
+    /// certificate merely expired) for `reason`.
+    Refused {
+        peer: PeerId,
+        reason: String,
+    },
+    /// Keyed swarm: a newer signed revocation list was adopted.
+    Revocations(Box<swarm_protocol::Revocations>),
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, NetError>>;

@@ -188,6 +188,12 @@ impl Membership {
             }
             NetEvent::Connected(p) => tracing::debug!("connected to {p}"),
             NetEvent::Disconnected(p) => tracing::debug!("disconnected from {p}"),
+            NetEvent::Admitted { .. } | NetEvent::Refused { .. } => tracing::debug!("admission event"),
+            NetEvent::Revocations(list) => {
+                let out = self.machine.handle(InEvent::Revocations(*list), self.now_ms());
+                self.carry_out(out).await;
+                self.refresh_view();
+            }
         }
     }
 
