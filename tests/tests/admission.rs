@@ -328,6 +328,7 @@ fn a_keyed_swarm_serves_members_and_refuses_outsiders() {
                     since_ms: now_ms,
                 }),
                 sent_ms: now_ms,
+                cert: None,
             };
             let _ = net.publish(encode_msg(&advert).expect("advert")).await;
             tokio::time::sleep(Duration::from_millis(250)).await;

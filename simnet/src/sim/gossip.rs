@@ -85,7 +85,7 @@ impl Sim {
         };
         n.mem.set_capacity(capacity);
         let out = n.mem.handle(InEvent::Tick, local);
-        let upkeep = n.ticks % per_interval == 0;
+        let upkeep = n.ticks.is_multiple_of(per_interval);
         n.ticks += 1;
         self.apply_membership(v, out);
         if upkeep {

@@ -450,7 +450,7 @@ impl Sim {
             // Derived from the seed: the run stays reproducible.
             swarm_key: sc.attack.keyed.then(|| {
                 SwarmKey::from_seed(
-                    splitmix(seed ^ 0x5157_4B45_59)
+                    splitmix(seed ^ 0x0051_574B_4559)
                         .to_le_bytes()
                         .repeat(4)
                         .try_into()
