@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use swarm_protocol::query::CloudAnswer;
-use swarm_protocol::{EscalateReply, EscalateRequest, Task, VoterRecord};
+use swarm_protocol::{ErrorCode, EscalateReply, EscalateRequest, Task, VoterRecord};
 
 use crate::network::NetError;
 
@@ -41,7 +41,6 @@ impl Router {
             let Some(g) = gw.filter(|g| !tried.contains(&g.peer)) else {
                 return Err(format!("cloud unavailable: {last}"));
             };
-            tried.push(g.peer.clone());
             let left = remaining(req.deadline);
             if left.is_zero() {
                 return Err("cloud unavailable: deadline passed".into());
@@ -54,13 +53,21 @@ impl Router {
                 swarm_answers: votes.iter().take(swarm_protocol::MAX_VOTERS).cloned().collect(),
                 deadline_ms: wire_deadline(left),
             };
+            let mut not_yet = false;
             let res = if g.peer == self.me() {
                 self.p.gateway.call(&er).await.map_err(|e| e.message)
             } else {
                 match g.peer.parse::<PeerId>() {
                     Ok(p) => match self.p.net.escalate(p, er, left).await {
                         Ok(EscalateReply::Ok(r)) => Ok(r),
-                        Ok(EscalateReply::Err(e)) => Err(format!("gateway {}: {}", g.peer, e.message)),
+                        Ok(EscalateReply::Err(e)) => {
+                            if e.code == ErrorCode::Unauthorized && e.message.contains("not the gateway") {
+                                // Mid-handover: we chose it before it heard its predecessor
+                                // expire. It may claim within an advert period; retry it once.
+                                not_yet = true;
+                            }
+                            Err(format!("gateway {}: {}", g.peer, e.message))
+                        }
                         Err(e) => {
                             // Unreachable, not merely refusing: drop its claim now rather than
                             // after its adverts expire, so the retry finds a successor sooner.
@@ -85,6 +92,13 @@ impl Router {
                 Err(e) => {
                     tracing::warn!("escalation failed: {e}");
                     last = e;
+                    if not_yet {
+                        let pause =
+                            Duration::from_millis(self.p.advert_interval_ms).min(remaining(req.deadline));
+                        tokio::time::sleep(pause).await;
+                    } else {
+                        tried.push(g.peer.clone());
+                    }
                 }
             }
         }
