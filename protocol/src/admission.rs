@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 
-use crate::message::{MAX_ADDRS, MAX_ADDR_LEN, MAX_PEER_ID_LEN};
+use crate::limits::{MAX_ADDRS, MAX_ADDR_LEN, MAX_PEER_ID_LEN};
 
 /// Text prefix of a join token.
 pub const TOKEN_PREFIX: &str = "slmswarm1:";

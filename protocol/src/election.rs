@@ -36,8 +36,7 @@ use std::cmp::Ordering;
 use crate::message::{Advert, Capacity, GatewayClaim};
 use crate::peers::PeerTable;
 
-/// No honest swarm reaches this term (one election a millisecond for 8,900 years).
-pub const MAX_TERM: u64 = 1 << 48;
+pub use crate::limits::MAX_TERM;
 /// How far above the highest known term a claim may be and still count. Honest terms grow by
 /// one per election; partitions that elect more than this many times apart need an operator.
 pub const MAX_TERM_STEP: u64 = 1_000;

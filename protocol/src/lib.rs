@@ -7,6 +7,7 @@
 pub mod admission;
 pub mod codec;
 pub mod election;
+pub mod limits;
 pub mod membership;
 pub mod message;
 pub mod peers;

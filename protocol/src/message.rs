@@ -9,16 +9,11 @@ use thiserror::Error;
 /// Version carried in every codec envelope; a peer rejects other versions.
 pub const PROTOCOL_VERSION: u16 = 1;
 
-/// Longest peer id accepted (base58 libp2p PeerIds are ~52 bytes).
-pub const MAX_PEER_ID_LEN: usize = 128;
+pub use crate::limits::{MAX_ADDRS, MAX_ADDR_LEN, MAX_PEER_ID_LEN, MAX_TERM};
 /// Longest human-readable node name.
 pub const MAX_NAME_LEN: usize = 64;
 /// Longest software version string.
 pub const MAX_VERSION_LEN: usize = 32;
-/// Most listen addresses in one advert.
-pub const MAX_ADDRS: usize = 16;
-/// Longest multiaddr text.
-pub const MAX_ADDR_LEN: usize = 256;
 /// Most model cards in one advert.
 pub const MAX_MODELS: usize = 64;
 /// Longest model id / architecture / quantisation name.
@@ -262,7 +257,7 @@ impl Validate for Advert {
                     reason: "terms start at 1",
                 });
             }
-            if g.term > crate::election::MAX_TERM {
+            if g.term > MAX_TERM {
                 return Err(ValidationError::Invalid {
                     field: "gateway.term",
                     reason: "beyond any term an honest swarm reaches",
