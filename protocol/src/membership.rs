@@ -71,6 +71,26 @@ pub struct LocalState {
     pub cloud: Option<CloudStatus>,
 }
 
+impl LocalState {
+    /// A node with nothing sampled yet: no models, one core, no cloud.
+    pub fn idle(name: &str, version: &str) -> Self {
+        LocalState {
+            name: name.to_string(),
+            version: version.to_string(),
+            addrs: Vec::new(),
+            models: Vec::new(),
+            capacity: Capacity {
+                cores: 1,
+                cpu_load: 0.0,
+                mem_free_mb: 0,
+                queue: 0,
+                max_concurrency: 1,
+            },
+            cloud: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum InEvent {
     /// A validated advert from the network.

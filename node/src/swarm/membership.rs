@@ -32,35 +32,17 @@ pub(crate) fn wall_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Stands in until the first sample, taken as the task is built.
-fn placeholder_state(name: &str) -> LocalState {
-    let a = initial_advert("", name);
-    LocalState {
-        name: a.name,
-        version: a.version,
-        addrs: a.addrs,
-        models: a.models,
-        capacity: a.capacity,
-        cloud: a.cloud,
-    }
-}
-
 /// An advert with nothing measured yet: the view's `me` until the first publish.
 pub(crate) fn initial_advert(peer: &str, name: &str) -> Advert {
+    let idle = LocalState::idle(name, env!("CARGO_PKG_VERSION"));
     Advert {
         peer: peer.to_string(),
         seq: 0,
-        name: name.to_string(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        addrs: Vec::new(),
-        models: Vec::new(),
-        capacity: Capacity {
-            cores: 1,
-            cpu_load: 0.0,
-            mem_free_mb: 0,
-            queue: 0,
-            max_concurrency: 1,
-        },
+        name: idle.name,
+        version: idle.version,
+        addrs: idle.addrs,
+        models: idle.models,
+        capacity: idle.capacity,
         cloud: None,
         gateway: None,
         sent_ms: wall_ms(),
@@ -117,7 +99,9 @@ impl Membership {
             election: p.election,
             max_peers: DEFAULT_MAX_PEERS,
         };
-        let mut machine = Machine::new(p.me.clone(), cfg, placeholder_state(&p.name), 0, wall_ms());
+        // Idle until the first sample, taken below before the task runs.
+        let idle = LocalState::idle(&p.name, env!("CARGO_PKG_VERSION"));
+        let mut machine = Machine::new(p.me.clone(), cfg, idle, 0, wall_ms());
         if let Some((adm, cert)) = p.admission.take() {
             machine = machine.keyed(adm, cert);
         }

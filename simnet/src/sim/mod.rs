@@ -47,9 +47,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use swarm_protocol::membership::{LocalState, Membership as MembershipMachine, MembershipConfig};
 use swarm_protocol::query::Coordinator;
-use swarm_protocol::{
-    Advert, Capacity, ElectionConfig, Privacy, RouteOverride, SwarmKey, Thresholds, VoterRecord,
-};
+use swarm_protocol::{Advert, ElectionConfig, Privacy, RouteOverride, SwarmKey, Thresholds, VoterRecord};
 
 use crate::models::{splitmix, Bank, CacheError, SimAnswer};
 use crate::queue::EventQueue;
@@ -353,24 +351,6 @@ fn peer_id(slot: usize) -> String {
     s
 }
 
-/// A node's state before it boots (never advertised).
-fn idle_state() -> LocalState {
-    LocalState {
-        name: String::new(),
-        version: String::new(),
-        addrs: Vec::new(),
-        models: Vec::new(),
-        capacity: Capacity {
-            cores: 1,
-            cpu_load: 0.0,
-            mem_free_mb: 0,
-            queue: 0,
-            max_concurrency: 1,
-        },
-        cloud: None,
-    }
-}
-
 /// Text form of a Sybil identity: PeerId-like, never a real slot's id.
 fn sybil_id(i: usize) -> String {
     let mut s = format!("12D3KooWSybiL{i}x");
@@ -548,7 +528,13 @@ impl Sim {
             cores,
             mem_mb,
             cloud,
-            mem: MembershipMachine::new(self.ids[slot].clone(), self.membership_cfg(), idle_state(), 0, 0),
+            mem: MembershipMachine::new(
+                self.ids[slot].clone(),
+                self.membership_cfg(),
+                LocalState::idle("", ""),
+                0,
+                0,
+            ),
             set_hash: 0,
             ticks: 0,
             busy_ring: [0; 4],
