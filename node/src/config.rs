@@ -71,6 +71,8 @@ pub struct NodeConfig {
     pub gateway: GatewayConfig,
     /// Admission: which swarm to trust and this node's certificate (empty = open swarm).
     pub swarm: SwarmConfig,
+    /// The web page at `/` and its live feed.
+    pub ui: UiConfig,
     /// Present only on nodes that may call a cloud model.
     pub cloud: Option<CloudConfig>,
 }
@@ -125,6 +127,26 @@ pub struct ModelThresholds {
     pub platt: Option<[f32; 2]>,
 }
 
+/// The web page every node serves at `/` (peers, gateway, live query feed, an ask box).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UiConfig {
+    /// Serve the page at `/` (the JSON endpoints and `/v1/swarm/events` stay either way).
+    pub enabled: bool,
+    /// Show prompt and answer text in the live feed; off, the feed shows routes,
+    /// voters, confidences and latencies but no text anyone typed.
+    pub show_prompts: bool,
+}
+
+impl Default for UiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            show_prompts: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
@@ -161,6 +183,7 @@ impl Default for NodeConfig {
             routing: RoutingConfig::default(),
             gateway: GatewayConfig::default(),
             swarm: SwarmConfig::default(),
+            ui: UiConfig::default(),
             cloud: None,
         }
     }

@@ -9,6 +9,7 @@ pub mod cloud;
 pub mod confidence;
 pub mod config;
 pub mod eval;
+pub mod events;
 pub mod gateway;
 pub mod inference;
 pub mod metrics;

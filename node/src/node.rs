@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::cloud::CloudClient;
 use crate::config::NodeConfig;
+use crate::events::Events;
 use crate::gateway::Gateway;
 use crate::inference::{Backend, WorkerOptions};
 use crate::metrics::Metrics;
@@ -142,6 +143,8 @@ pub struct NodeInner {
     pub models: Arc<LocalModels>,
     pub net: NetworkHandle,
     pub metrics: Arc<Metrics>,
+    /// The live query feed the page and `GET /v1/swarm/events` show.
+    pub events: Arc<Events>,
     pub started: Instant,
     /// Whether this node holds cloud credentials (it may become the gateway).
     pub cloud: Option<String>,
@@ -251,6 +254,7 @@ impl Node {
         }));
         let semantic = Arc::new(Semantic::new(&cfg.routing.embedder));
         let metrics = Arc::new(Metrics::new());
+        let feed = Arc::new(Events::new(cfg.ui.show_prompts));
         let (unreachable_tx, unreachable_rx) = tokio::sync::mpsc::channel(64);
         let router = Router::new(RouterParts {
             me: me.clone(),
@@ -265,6 +269,7 @@ impl Node {
             gateway: gateway.clone(),
             semantic: semantic.clone(),
             metrics: metrics.clone(),
+            events: feed.clone(),
             unreachable: unreachable_tx,
         });
         let serving = router.clone();
@@ -302,6 +307,7 @@ impl Node {
             models,
             net,
             metrics,
+            events: feed,
             started: Instant::now(),
             cloud,
             cloud_client,

@@ -4,6 +4,7 @@
 //! every failure to OpenAI's error JSON with the right status code.
 
 mod types;
+mod ui;
 
 use std::convert::Infallible;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,6 +19,7 @@ use axum::{Json, Router};
 use futures::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 
+use crate::metrics::SwarmGauges;
 use crate::node::Node;
 use crate::router::{Answer, ChatEvent, ChatRequest, RouteError};
 pub use types::{ChatCompletionRequest, ErrorBody};
@@ -99,8 +101,13 @@ impl IntoResponse for ApiError {
 /// The HTTP API of `node`.
 pub fn router(node: Node) -> Router {
     let limit = node.cfg.max_body_bytes;
-    Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
+    let page = node.cfg.ui.enabled;
+    let mut r = Router::new();
+    if page {
+        r = r.route("/", get(ui::page)).route("/ui", get(ui::page));
+    }
+    r.route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/swarm/events", get(ui::events))
         .route("/v1/models", get(models))
         .route("/v1/swarm/peers", get(peers))
         .route("/v1/swarm/gateway", get(gateway))
@@ -289,6 +296,11 @@ fn peer_json(a: &swarm_protocol::Advert) -> Value {
 }
 
 async fn peers(State(node): State<Node>) -> Json<Value> {
+    Json(swarm_json(&node))
+}
+
+/// This node, its peers and the gateway: `GET /v1/swarm/peers` and the page's `swarm` events.
+pub(crate) fn swarm_json(node: &Node) -> Value {
     let view = node.snapshot();
     let mut me = peer_json(&view.me);
     if let Some(o) = me.as_object_mut() {
@@ -321,7 +333,7 @@ async fn peers(State(node): State<Node>) -> Json<Value> {
             v
         })
         .collect();
-    Json(json!({"self": me, "peers": peers, "gateway": gateway_json(&node)}))
+    json!({"self": me, "peers": peers, "gateway": gateway_json(node)})
 }
 
 fn gateway_json(node: &Node) -> Value {
@@ -349,7 +361,36 @@ async fn healthz(State(node): State<Node>) -> Json<Value> {
     }))
 }
 
+/// The gauges' reading now.
+fn swarm_gauges(node: &Node) -> SwarmGauges {
+    let view = node.snapshot();
+    let me = node.peer_id.to_string();
+    let cloud_budget_left = match (&node.cloud_client, &view.gateway) {
+        (Some(c), _) => u64::from(c.status().budget_left),
+        (None, Some(g)) => view
+            .peer(&g.peer)
+            .and_then(|p| p.advert.cloud.as_ref())
+            .map(|c| u64::from(c.budget_left))
+            .unwrap_or(0),
+        (None, None) => 0,
+    };
+    SwarmGauges {
+        peers: view.peers.len(),
+        gateway_term: view.gateway.as_ref().map(|g| g.term).unwrap_or(0),
+        gateway_is_self: view.gateway.as_ref().is_some_and(|g| g.peer == me),
+        cloud_budget_left,
+        models: node
+            .models
+            .ids()
+            .filter_map(|id| node.models.get(id).map(|h| (id.clone(), h.load())))
+            // One worker thread per model runs one job; the rest wait.
+            .map(|(id, load)| (id, load.saturating_sub(1), load))
+            .collect(),
+    }
+}
+
 async fn metrics(State(node): State<Node>) -> impl IntoResponse {
+    node.metrics.set_swarm(&swarm_gauges(&node));
     (
         [(
             header::CONTENT_TYPE,

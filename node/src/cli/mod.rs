@@ -2,6 +2,7 @@
 
 mod calibrate;
 mod demo;
+mod duration;
 mod eval;
 mod local;
 mod models;
@@ -64,6 +65,12 @@ pub(crate) enum Command {
     /// From per-model answer caches: AUROC per confidence signal, Platt fit on one
     /// half, routing simulated on the other (accuracy vs cloud share), thresholds.
     Calibrate(calibrate::CalibrateArgs),
+    /// Print a shell completion script, e.g. `slm-swarm completions bash >
+    /// ~/.local/share/bash-completion/completions/slm-swarm`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -81,6 +88,15 @@ pub(crate) enum ModelsCmd {
         #[command(flatten)]
         common: ModelArgs,
         /// Catalog ids to fetch (`all` for every model).
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Delete installed models from the cache (a running node keeps the file it
+    /// has open until it stops; it is fetched again on next use).
+    Rm {
+        #[command(flatten)]
+        common: ModelArgs,
+        /// Catalog ids to delete (`all` for every installed model).
         #[arg(required = true)]
         ids: Vec<String>,
     },
@@ -145,7 +161,8 @@ impl Cli {
             | Command::Peers(_)
             | Command::Swarm(_)
             | Command::SafetyEval(_)
-            | Command::Calibrate(_) => None,
+            | Command::Calibrate(_)
+            | Command::Completions { .. } => None,
         }
     }
 
@@ -167,6 +184,12 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Command::Models(ModelsCmd::List { common, json }) => models::list(&common, json),
         Command::Models(ModelsCmd::Pull { common, ids }) => models::pull(&common, &ids),
+        Command::Models(ModelsCmd::Rm { common, ids }) => models::rm(&common, &ids),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "slm-swarm", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Generate(a) => local::generate(a),
         Command::Answer(a) => local::answer(a),
         Command::Score(a) => local::score(a),

@@ -1,4 +1,4 @@
-//! `models list` and `models pull`, and resolving model arguments for other
+//! `models list`, `models pull` and `models rm`, and resolving model arguments for other
 //! commands (fetching catalog models on first use).
 
 use std::io::IsTerminal;
@@ -88,6 +88,35 @@ pub(super) fn pull(args: &ModelArgs, ids: &[String]) -> anyhow::Result<ExitCode>
             ),
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn rm(args: &ModelArgs, ids: &[String]) -> anyhow::Result<ExitCode> {
+    let cat = Catalog::load(args.catalog.as_deref())?;
+    let home = models::home_dir();
+    let all = ids.iter().any(|i| i == "all");
+    // Check every id first, as pull does: a typo deletes nothing.
+    let entries = if all {
+        cat.models.iter().collect::<Vec<_>>()
+    } else {
+        ids.iter().map(|id| cat.get(id)).collect::<Result<Vec<_>, _>>()?
+    };
+    let mut freed = 0u64;
+    for e in entries {
+        match e.remove(&home).with_context(|| format!("removing `{}`", e.id))? {
+            Some(bytes) => {
+                freed += bytes;
+                println!("{}: removed ({:.1} MB)", e.id, bytes as f64 / 1e6);
+            }
+            None if !all => println!("{}: not installed", e.id),
+            None => {}
+        }
+    }
+    println!(
+        "freed {:.1} MB in {}",
+        freed as f64 / 1e6,
+        models::catalog::models_dir(&home).display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -48,8 +48,9 @@ pub(crate) struct StartArgs {
     /// Identity key file (ed25519), created on first start.
     #[arg(long)]
     pub identity: Option<PathBuf>,
-    /// Advert period in milliseconds (peers expire after 3 missed periods).
-    #[arg(long)]
+    /// Advert period: a duration (`1s`, `500ms`) or bare milliseconds (peers
+    /// expire after 3 missed periods).
+    #[arg(long, value_name = "DURATION", value_parser = super::duration::parse_duration_ms)]
     pub advert_interval: Option<u64>,
     /// Answer locally at or above this confidence.
     #[arg(long)]
@@ -214,6 +215,8 @@ pub(super) async fn serve_http(node: Node, listener: tokio::net::TcpListener) ->
     });
     shutdown_signal().await;
     eprintln!("shutting down: finishing in-flight requests (up to 10 s)…");
+    // Live feeds (the page) never end on their own.
+    node.events.close();
     let _ = stop_tx.send(());
     if tokio::time::timeout(Duration::from_secs(10), server)
         .await
@@ -319,9 +322,12 @@ pub(crate) struct QueryArgs {
     /// Most tokens to generate.
     #[arg(long)]
     pub max_tokens: Option<u32>,
-    /// Print the whole JSON response (with the `swarm` provenance).
+    /// Print the whole JSON response (with the `swarm` provenance); does not stream.
     #[arg(long)]
     pub json: bool,
+    /// Wait for the whole answer instead of printing tokens as they arrive.
+    #[arg(long)]
+    pub no_stream: bool,
     /// The question.
     pub text: String,
 }
@@ -355,9 +361,12 @@ pub(super) fn query(a: QueryArgs) -> anyhow::Result<ExitCode> {
         if let Some(p) = &a.privacy {
             swarm["privacy"] = json!(p);
         }
+        // --json prints the one whole response, so it does not stream.
+        let stream = !a.no_stream && !a.json;
         let mut body = json!({
             "messages": [{"role": "user", "content": a.text}],
             "swarm": swarm,
+            "stream": stream,
         });
         if let Some(m) = &a.model {
             body["model"] = json!(m);
@@ -370,47 +379,111 @@ pub(super) fn query(a: QueryArgs) -> anyhow::Result<ExitCode> {
             .json(&body)
             .send()
             .await
-            .with_context(|| format!("cannot reach the node at {}", a.target.node))?;
+            .map_err(|e| unreachable_node(&a.target.node, e))?;
+        if stream && resp.status().is_success() {
+            let prov = print_stream(resp).await?;
+            print_provenance(&prov);
+            return Ok(ExitCode::SUCCESS);
+        }
         let v = check(resp).await?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&v)?);
             return Ok(ExitCode::SUCCESS);
         }
         println!("{}", v["choices"][0]["message"]["content"].as_str().unwrap_or(""));
-        let s = &v["swarm"];
-        println!(
-            "\n[route {} · model {} · confidence {:.2} · {} ms{}]",
-            s["route"].as_str().unwrap_or("?"),
-            s["model"].as_str().unwrap_or("?"),
-            s["confidence"].as_f64().unwrap_or(0.0),
-            s["elapsed_ms"].as_u64().unwrap_or(0),
-            if s["degraded"].as_bool() == Some(true) {
-                format!(" · degraded: {}", s["degraded_reason"].as_str().unwrap_or(""))
-            } else {
-                String::new()
-            }
-        );
-        if let Some(voters) = s["voters"].as_array().filter(|v| !v.is_empty()) {
-            for vt in voters {
-                let peer = vt["peer"].as_str().unwrap_or("");
-                let short = &peer[peer.len().saturating_sub(8)..];
-                match vt["error"].as_str() {
-                    Some(e) => println!(
-                        "  voter …{short} {}: error: {e}",
-                        vt["model"].as_str().unwrap_or("")
-                    ),
-                    None => println!(
-                        "  voter …{short} {}: {} ({:.2}, {} ms)",
-                        vt["model"].as_str().unwrap_or(""),
-                        vt["answer"].as_str().unwrap_or("").lines().next().unwrap_or(""),
-                        vt["confidence"].as_f64().unwrap_or(0.0),
-                        vt["elapsed_ms"].as_u64().unwrap_or(0)
-                    ),
+        print_provenance(&v["swarm"]);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// A node that cannot be reached, with what to do about it.
+fn unreachable_node(node: &str, e: reqwest::Error) -> anyhow::Error {
+    anyhow::anyhow!(
+        "cannot reach the node at {node}: {e}. Is one running? Start one with `slm-swarm start` \
+         (or `slm-swarm demo` for a whole local swarm), or point at another with --node URL \
+         (or SLM_SWARM_NODE)"
+    )
+}
+
+/// Print the content deltas of an SSE answer as they arrive; the `swarm`
+/// provenance of its last chunk is returned (an error chunk is an error).
+async fn print_stream(resp: reqwest::Response) -> anyhow::Result<Value> {
+    use futures::StreamExt;
+    use std::io::Write;
+    let mut body = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut prov = Value::Null;
+    let mut out = std::io::stdout();
+    let mut wrote_any = false;
+    while let Some(chunk) = body.next().await {
+        buf.extend_from_slice(&chunk.context("reading the node's answer")?);
+        // Frames end with a blank line; a frame may arrive in pieces.
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let frame: Vec<u8> = buf.drain(..end + 2).collect();
+            for line in String::from_utf8_lossy(&frame).lines() {
+                let Some(data) = line.strip_prefix("data: ") else {
+                    continue;
+                };
+                if data == "[DONE]" {
+                    continue;
+                }
+                let v: Value = serde_json::from_str(data).context("the node sent a malformed chunk")?;
+                if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+                    out.write_all(t.as_bytes())?;
+                    out.flush()?;
+                    wrote_any |= !t.is_empty();
+                }
+                if !v["swarm"].is_null() {
+                    prov = v["swarm"].clone();
                 }
             }
         }
-        Ok(ExitCode::SUCCESS)
-    })
+    }
+    if wrote_any {
+        println!();
+    }
+    if let Some(e) = prov["error"].as_str() {
+        bail!("the node failed while answering: {e}");
+    }
+    if prov.is_null() {
+        bail!("the answer stream ended before the answer was complete");
+    }
+    Ok(prov)
+}
+
+/// The route line and the voters of an answer's `swarm` provenance.
+fn print_provenance(s: &Value) {
+    println!(
+        "\n[route {} · model {} · confidence {:.2} · {} ms{}]",
+        s["route"].as_str().unwrap_or("?"),
+        s["model"].as_str().unwrap_or("?"),
+        s["confidence"].as_f64().unwrap_or(0.0),
+        s["elapsed_ms"].as_u64().unwrap_or(0),
+        if s["degraded"].as_bool() == Some(true) {
+            format!(" · degraded: {}", s["degraded_reason"].as_str().unwrap_or(""))
+        } else {
+            String::new()
+        }
+    );
+    if let Some(voters) = s["voters"].as_array().filter(|v| !v.is_empty()) {
+        for vt in voters {
+            let peer = vt["peer"].as_str().unwrap_or("");
+            let short = peer.get(peer.len().saturating_sub(8)..).unwrap_or(peer);
+            match vt["error"].as_str() {
+                Some(e) => println!(
+                    "  voter …{short} {}: error: {e}",
+                    vt["model"].as_str().unwrap_or("")
+                ),
+                None => println!(
+                    "  voter …{short} {}: {} ({:.2}, {} ms)",
+                    vt["model"].as_str().unwrap_or(""),
+                    vt["answer"].as_str().unwrap_or("").lines().next().unwrap_or(""),
+                    vt["confidence"].as_f64().unwrap_or(0.0),
+                    vt["elapsed_ms"].as_u64().unwrap_or(0)
+                ),
+            }
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -431,7 +504,7 @@ pub(super) fn peers(a: PeersArgs) -> anyhow::Result<ExitCode> {
             .get(endpoint(&a.target.node, "/v1/swarm/peers"))
             .send()
             .await
-            .with_context(|| format!("cannot reach the node at {}", a.target.node))?;
+            .map_err(|e| unreachable_node(&a.target.node, e))?;
         let v = check(resp).await?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&v)?);

@@ -16,6 +16,7 @@ use swarm_node::models;
 use swarm_node::node::load_or_create_key;
 use swarm_protocol::admission::{Revoked, Role};
 
+use super::duration::parse_duration_ms;
 use super::node::StartArgs;
 
 /// Keyed swarms: only nodes holding a certificate signed by the swarm key may join.
@@ -385,31 +386,6 @@ fn write_new_private(path: &Path, text: &str) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// `30d`, `12h`, `90m`, `45s`, `500ms`, or bare milliseconds.
-fn parse_duration_ms(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}`: expected a number with a unit, e.g. 30d, 12h, 90m, 45s, 500ms"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "ms" => 1,
-        "s" => 1_000,
-        "m" | "min" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        other => return Err(format!("`{other}`: unknown unit; use ms, s, m, h or d")),
-    };
-    let ms = n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too long"))?;
-    // A century is surely a typo; and a zero-length certificate is useless.
-    const MAX_MS: u64 = 100 * 365 * 86_400_000;
-    if ms == 0 || ms > MAX_MS {
-        return Err(format!("`{s}`: must be more than 0 and at most 100 years"));
-    }
-    Ok(ms)
-}
-
 fn human_duration(ms: u64) -> String {
     const DAY: u64 = 86_400_000;
     match ms {
@@ -417,33 +393,5 @@ fn human_duration(ms: u64) -> String {
         m if m % 3_600_000 == 0 => format!("{} hours", m / 3_600_000),
         m if m % 1_000 == 0 => format!("{} s", m / 1_000),
         m => format!("{m} ms"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_with_units_and_bounds() {
-        assert_eq!(parse_duration_ms("30d"), Ok(30 * 86_400_000));
-        assert_eq!(parse_duration_ms("12h"), Ok(12 * 3_600_000));
-        assert_eq!(parse_duration_ms("90m"), Ok(90 * 60_000));
-        assert_eq!(parse_duration_ms("45s"), Ok(45_000));
-        assert_eq!(parse_duration_ms("500ms"), Ok(500));
-        assert_eq!(parse_duration_ms("1500"), Ok(1500));
-        for bad in [
-            "",
-            "d",
-            "0",
-            "0d",
-            "30x",
-            "-5d",
-            "1.5d",
-            "36501d",
-            "99999999999999999999",
-        ] {
-            assert!(parse_duration_ms(bad).is_err(), "{bad}");
-        }
     }
 }

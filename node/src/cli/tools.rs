@@ -213,8 +213,9 @@ pub(crate) struct BenchVoteArgs {
     /// models answering after --latency-ms, so only the vote machinery is timed.
     #[arg(long = "model")]
     pub models: Vec<String>,
-    /// Inference time of the stand-in models, ms.
-    #[arg(long, default_value_t = 20)]
+    /// Inference time of the stand-in models: a duration (20ms, 1s) or bare ms.
+    #[arg(long, alias = "latency", value_name = "DURATION", default_value = "20ms",
+          value_parser = super::duration::parse_duration_ms_or_zero)]
     pub latency_ms: u64,
     /// Print JSON: votes, overhead_ms_p50, overhead_ms_p95, …
     #[arg(long)]

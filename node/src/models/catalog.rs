@@ -178,6 +178,34 @@ impl CatalogEntry {
         models_dir(home).join(&self.file)
     }
 
+    /// Delete the installed file (and its checksum stamp) or bundle directory;
+    /// the bytes freed, or `None` when nothing was installed.
+    pub fn remove(&self, home: &Path) -> std::io::Result<Option<u64>> {
+        let p = self.install_path(home);
+        let md = match std::fs::symlink_metadata(&p) {
+            Ok(md) => md,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let bytes = if md.is_dir() {
+            let mut n = 0;
+            for f in std::fs::read_dir(&p)? {
+                n += f?.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+            std::fs::remove_dir_all(&p)?;
+            n
+        } else {
+            // The stamp first: a half-removed model must never look verified.
+            match std::fs::remove_file(stamp_path(&p)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            std::fs::remove_file(&p)?;
+            md.len()
+        };
+        Ok(Some(bytes))
+    }
+
     /// The path a loader wants: the GGUF file, or the directory of an unzipped bundle.
     pub fn is_installed(&self, home: &Path) -> bool {
         let p = self.install_path(home);
@@ -259,6 +287,27 @@ mod tests {
         );
         assert_eq!(c.get("qwen2.5-coder-1.5b").expect("id").parts.len(), 22);
         assert!(c.get("all-minilm-l6-v2").expect("id").unzip.is_some());
+    }
+
+    #[test]
+    fn remove_deletes_file_and_stamp_and_says_when_nothing_was_there() {
+        let home = tempfile::tempdir().expect("tmp");
+        let c = Catalog::builtin().expect("catalog");
+        let e = c.get("smollm2-135m").expect("id");
+        let p = e.install_path(home.path());
+        std::fs::create_dir_all(p.parent().expect("dir")).expect("mkdir");
+        std::fs::write(&p, vec![0u8; 1234]).expect("write");
+        std::fs::write(stamp_path(&p), "ok").expect("stamp");
+        assert_eq!(e.remove(home.path()).expect("rm"), Some(1234));
+        assert!(!p.exists() && !stamp_path(&p).exists());
+        assert_eq!(e.remove(home.path()).expect("rm again"), None);
+        // A bundle is a directory.
+        let b = c.get("all-minilm-l6-v2").expect("id");
+        let d = b.install_path(home.path());
+        std::fs::create_dir_all(&d).expect("mkdir");
+        std::fs::write(d.join("config.json"), "{}").expect("write");
+        assert_eq!(b.remove(home.path()).expect("rm"), Some(2));
+        assert!(!d.exists());
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub use request::{
 };
 
 use crate::config::RoutingConfig;
+use crate::events::Events;
 use crate::gateway::Gateway;
 use crate::inference::ModelHandle;
 use crate::metrics::{Metrics, OutcomeLabel};
@@ -65,6 +66,8 @@ pub struct RouterParts {
     pub gateway: Arc<Gateway>,
     pub semantic: Arc<Semantic>,
     pub metrics: Arc<Metrics>,
+    /// The live query feed (web page, `GET /v1/swarm/events`).
+    pub events: Arc<Events>,
     /// Tells the membership task a peer could not be reached (it drops it at once).
     pub unreachable: mpsc::Sender<String>,
 }
@@ -161,6 +164,13 @@ impl Router {
     /// Dropping the stream abandons the query.
     pub fn chat_stream(&self, req: ChatRequest) -> ChatStream {
         let router = self.clone();
+        // Kept for the feed only when it may show it.
+        let prompt = if self.p.events.shows_prompts() {
+            last_user(&req.messages).to_string()
+        } else {
+            String::new()
+        };
+        let t0 = Instant::now();
         Box::pin(async_stream::stream! {
             let (tx, mut rx) = mpsc::channel::<String>(64);
             let run = router.run(req, tx);
@@ -186,6 +196,8 @@ impl Router {
                 streamed = true;
                 yield Ok(ChatEvent::Token(t));
             }
+            let ms = t0.elapsed().as_millis() as u64;
+            router.p.events.record(&prompt, result.as_ref(), ms);
             match result {
                 Ok(a) => {
                     if !streamed && !a.text.is_empty() {
@@ -369,7 +381,7 @@ impl Router {
             prov: prov.clone(),
         };
         if let Some(v) = &decision.vote {
-            metrics.vote_size.observe(v.valid as f64);
+            metrics.observe_vote(v.valid);
             prov.route = "vote".into();
             prov.vote_ms = vote_ms;
             prov.voters = voters;

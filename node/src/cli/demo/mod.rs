@@ -46,8 +46,9 @@ pub(crate) struct DemoArgs {
     /// Compute threads of each swarm node (the stand-in uses every core).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
-    /// Advert period of the nodes, ms.
-    #[arg(long, default_value_t = 500)]
+    /// Advert period of the nodes: a duration (500ms, 1s) or bare ms.
+    #[arg(long, value_name = "DURATION", default_value = "500ms",
+          value_parser = super::duration::parse_duration_ms)]
     pub advert_interval: u64,
     /// Keep the children's logs in this directory (default: a temporary one, removed).
     #[arg(long)]
