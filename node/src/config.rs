@@ -71,6 +71,8 @@ pub struct NodeConfig {
     pub gateway: GatewayConfig,
     /// Admission: which swarm to trust and this node's certificate (empty = open swarm).
     pub swarm: SwarmConfig,
+    /// Who may use the HTTP API, and how much of it at once.
+    pub api: ApiConfig,
     /// The web page at `/` and its live feed.
     pub ui: UiConfig,
     /// Present only on nodes that may call a cloud model.
@@ -125,6 +127,46 @@ pub struct ModelThresholds {
     pub signal: Option<Signal>,
     /// Platt calibration of that signal: p = 1 / (1 + exp(-(a·x + b))).
     pub platt: Option<[f32; 2]>,
+}
+
+/// Access to the HTTP API: a bearer key, the host names it answers to, and a
+/// cap on requests in progress.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Environment variable holding the API key; empty = no key (anyone who can
+    /// reach the HTTP port may ask, force the cloud route and read the swarm).
+    /// With a key, every endpoint but the page itself wants
+    /// `Authorization: Bearer KEY` (as OpenAI clients send it).
+    pub api_key_env: String,
+    /// Host names (besides `localhost` and IP addresses) the API answers to; a
+    /// request naming another host (DNS rebinding) is refused with 421.
+    pub allowed_hosts: Vec<String>,
+    /// Requests in progress at once; more are refused at once with 429.
+    pub max_concurrent: usize,
+}
+
+impl ApiConfig {
+    /// The key from `api_key_env`, or `None` (no variable configured, or it is unset or empty).
+    pub fn key(&self) -> Option<String> {
+        if self.api_key_env.is_empty() {
+            return None;
+        }
+        std::env::var(&self.api_key_env)
+            .ok()
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty())
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            api_key_env: String::new(),
+            allowed_hosts: Vec::new(),
+            max_concurrent: 64,
+        }
+    }
 }
 
 /// The web page every node serves at `/` (peers, gateway, live query feed, an ask box).
@@ -183,6 +225,7 @@ impl Default for NodeConfig {
             routing: RoutingConfig::default(),
             gateway: GatewayConfig::default(),
             swarm: SwarmConfig::default(),
+            api: ApiConfig::default(),
             ui: UiConfig::default(),
             cloud: None,
         }
@@ -280,6 +323,18 @@ impl NodeConfig {
                 "name is longer than {} bytes",
                 swarm_protocol::MAX_NAME_LEN
             ));
+        }
+        if self.api.max_concurrent == 0 {
+            return bad("api.max_concurrent must be at least 1".into());
+        }
+        if let Some(h) = self.api.allowed_hosts.iter().find(|h| {
+            h.is_empty()
+                || h.len() > 253
+                || !h
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        }) {
+            return bad(format!("api.allowed_hosts: `{h}` is not a host name"));
         }
         if self.advert_interval_ms < 50 {
             return bad("advert_interval_ms must be at least 50".into());

@@ -15,6 +15,7 @@ fn slm(args: &[&str], home: &Path) -> Output {
         .env("SLM_SWARM_HOME", home)
         .env_remove("RUST_LOG")
         .env_remove("SLM_SWARM_NODE")
+        .env_remove("SLM_SWARM_API_KEY")
         .output()
         .expect("run slm-swarm")
 }
@@ -121,30 +122,34 @@ impl Drop for Proc {
     }
 }
 
-#[test]
-fn query_streams_a_real_answer_by_default() {
-    let home = tempfile::tempdir().expect("tmp");
-    let model = home.path().join("tiny-q.gguf");
+/// A node on loopback serving a tiny model `tiny-q`; returns it with its HTTP URL.
+fn start_node(home: &Path, extra: &[&str], env: &[(&str, &str)]) -> (Proc, String) {
+    let model = home.join("tiny-q.gguf");
     write_tiny_gguf(&model, &TinySpec::default()).expect("tiny model");
+    let ns = format!("cli-{}-{}", std::process::id(), extra.len());
+    let key = home.join("q.key");
+    let mut args = vec![
+        "start".to_string(),
+        "--model".into(),
+        model.display().to_string(),
+        "--http".into(),
+        "127.0.0.1:0".into(),
+        "--listen".into(),
+        "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+        "--no-mdns".into(),
+        "--threads".into(),
+        "1".into(),
+        "--namespace".into(),
+        ns,
+        "--identity".into(),
+        key.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_slm-swarm"))
-        .args([
-            "start",
-            "--model",
-            &model.display().to_string(),
-            "--http",
-            "127.0.0.1:0",
-            "--listen",
-            "/ip4/127.0.0.1/udp/0/quic-v1",
-            "--no-mdns",
-            "--threads",
-            "1",
-            "--namespace",
-            &format!("cli-{}", std::process::id()),
-            "--identity",
-            &home.path().join("q.key").display().to_string(),
-        ])
-        .env("SLM_SWARM_HOME", home.path())
+        .args(&args)
+        .env("SLM_SWARM_HOME", home)
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -160,7 +165,13 @@ fn query_streams_a_real_answer_by_default() {
         }
         assert!(t0.elapsed() < Duration::from_secs(60), "node did not start");
     }
-    let http = http.expect("node printed its HTTP address");
+    (node, http.expect("node printed its HTTP address"))
+}
+
+#[test]
+fn query_streams_a_real_answer_by_default() {
+    let home = tempfile::tempdir().expect("tmp");
+    let (node, http) = start_node(home.path(), &[], &[]);
     let out = slm(
         &[
             "query",
@@ -235,5 +246,94 @@ fn query_streams_a_real_answer_by_default() {
     assert_eq!(q["model"], "tiny-q");
     // No prompt text unless the node is configured to show it.
     assert!(q.get("prompt").is_none() && q.get("answer").is_none(), "{q}");
+    drop(node);
+}
+
+/// A raw GET with a chosen `Host` header (clients derive it from the URL).
+fn get_with_host(http: &str, path: &str, host: &str, key: Option<&str>) -> u16 {
+    use std::io::{Read, Write};
+    let addr = http.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let auth = key
+        .map(|k| format!("authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {host}\r\n{auth}connection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).expect("status line");
+    String::from_utf8_lossy(&head[9..12]).parse().expect("status")
+}
+
+#[test]
+fn api_key_guards_every_endpoint_but_the_page_and_rebinding_hosts_are_refused() {
+    let home = tempfile::tempdir().expect("tmp");
+    // The key's variable must be set: a node refuses to start without it.
+    let out = slm(
+        &[
+            "start",
+            "--api-key-env",
+            "SLM_CLI_TEST_UNSET_KEY",
+            "--model",
+            "x.gguf",
+        ],
+        home.path(),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("SLM_CLI_TEST_UNSET_KEY"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let key = "k-9f2c1e";
+    let (node, http) = start_node(
+        home.path(),
+        &["--api-key-env", "SLM_CLI_TEST_KEY"],
+        &[("SLM_CLI_TEST_KEY", key)],
+    );
+    let host = http.trim_start_matches("http://").to_string();
+    assert_eq!(get_with_host(&http, "/metrics", &host, None), 401);
+    assert_eq!(get_with_host(&http, "/v1/swarm/peers", &host, Some("wrong")), 401);
+    assert_eq!(get_with_host(&http, "/metrics", &host, Some(key)), 200);
+    assert_eq!(
+        get_with_host(&http, "/", &host, None),
+        200,
+        "the page asks for the key itself"
+    );
+    assert_eq!(get_with_host(&http, "/metrics", "evil.example", Some(key)), 421);
+    assert_eq!(get_with_host(&http, "/", "evil.example:8080", None), 421);
+    assert_eq!(get_with_host(&http, "/healthz", "localhost", Some(key)), 200);
+
+    // The CLI sends the key from SLM_SWARM_API_KEY, and says what to do without it.
+    let ask = [
+        "query",
+        "--node",
+        &http,
+        "--route",
+        "local",
+        "--max-tokens",
+        "4",
+        "hi",
+    ];
+    let out = slm(&ask, home.path());
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("SLM_SWARM_API_KEY"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_slm-swarm"))
+        .args(ask)
+        .env("SLM_SWARM_HOME", home.path())
+        .env("SLM_SWARM_API_KEY", key)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("[route local"));
     drop(node);
 }

@@ -3,6 +3,7 @@
 //! swarm, peers, gateway, health and Prometheus metrics. One `ApiError` maps
 //! every failure to OpenAI's error JSON with the right status code.
 
+mod guard;
 mod types;
 mod ui;
 
@@ -98,15 +99,19 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The HTTP API of `node`.
+/// The HTTP API of `node`, behind its `[api]` checks (host, key, concurrency cap).
 pub fn router(node: Node) -> Router {
     let limit = node.cfg.max_body_bytes;
+    let api = node.cfg.api.clone();
+    // A chat's own deadline plus a margin: the layer only catches what hangs past it.
+    let deadline = Duration::from_millis(node.cfg.request_timeout_ms.saturating_add(5_000));
     let page = node.cfg.ui.enabled;
     let mut r = Router::new();
     if page {
         r = r.route("/", get(ui::page)).route("/ui", get(ui::page));
     }
-    r.route("/v1/chat/completions", post(chat_completions))
+    let app = r
+        .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/swarm/events", get(ui::events))
         .route("/v1/models", get(models))
         .route("/v1/swarm/peers", get(peers))
@@ -122,7 +127,8 @@ pub fn router(node: Node) -> Router {
             }
         })
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(node)
+        .with_state(node);
+    guard::wrap(app, &api, deadline)
 }
 
 fn unix_now() -> u64 {

@@ -140,6 +140,9 @@ pub(crate) struct NodeArgs {
     /// Node to ask.
     #[arg(long, env = "SLM_SWARM_NODE", default_value = "http://127.0.0.1:8080")]
     pub node: String,
+    /// The node's HTTP API key, if it has one (sent as `Authorization: Bearer`).
+    #[arg(long, env = "SLM_SWARM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 impl Cli {

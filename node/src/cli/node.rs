@@ -67,6 +67,11 @@ pub(crate) struct StartArgs {
     /// Environment variable holding the cloud API key.
     #[arg(long)]
     pub cloud_key_env: Option<String>,
+    /// Environment variable holding this node's HTTP API key: clients must then
+    /// send `Authorization: Bearer KEY` (the `query` and `peers` commands read
+    /// it from SLM_SWARM_API_KEY or --api-key).
+    #[arg(long, value_name = "VAR")]
+    pub api_key_env: Option<String>,
     /// Join a keyed swarm: its join token (`slmswarm1:…`, from `slm-swarm swarm init` or
     /// `swarm token`), or a file holding it. Needs --certificate. Without a token the
     /// swarm is open: any host that reaches the port is a full member.
@@ -115,6 +120,9 @@ impl StartArgs {
         }
         if let Some(ms) = self.advert_interval {
             cfg.advert_interval_ms = ms;
+        }
+        if let Some(v) = &self.api_key_env {
+            cfg.api.api_key_env = v.clone();
         }
         if let Some(j) = &self.join {
             cfg.swarm.join = j.clone();
@@ -230,6 +238,13 @@ pub(super) async fn serve_http(node: Node, listener: tokio::net::TcpListener) ->
 
 pub(super) fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
     let cfg = a.config()?;
+    if !cfg.api.api_key_env.is_empty() && cfg.api.key().is_none() {
+        bail!(
+            "the API key variable {} is not set (or empty): export it, or drop --api-key-env / \
+             [api] api_key_env to run without a key",
+            cfg.api.api_key_env
+        );
+    }
     let home = models::home_dir();
     let id_path = cfg.identity_path(&home);
     let (key, lock) = load_identity(&id_path)?;
@@ -243,6 +258,12 @@ pub(super) fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("cannot listen for HTTP on {http}"))?;
         let local_http = listener.local_addr()?;
+        if cfg.api.key().is_none() && !local_http.ip().is_loopback() {
+            tracing::warn!(
+                "HTTP API on {local_http} WITHOUT A KEY: anyone who reaches it may ask, force the cloud \
+                 route and read the swarm. Set one with --api-key-env VAR (or [api] api_key_env)"
+            );
+        }
         let cloud = match &cfg.cloud {
             Some(c) => {
                 let mut c = c.clone();
@@ -332,9 +353,17 @@ pub(crate) struct QueryArgs {
     pub text: String,
 }
 
-fn client() -> anyhow::Result<reqwest::Client> {
+fn client(target: &NodeArgs) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(k) = target.api_key.as_deref().filter(|k| !k.is_empty()) {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {k}"))
+            .context("the API key has characters a header cannot carry")?;
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
     Ok(reqwest::Client::builder()
         .timeout(Duration::from_secs(600))
+        .default_headers(headers)
         .build()?)
 }
 
@@ -347,6 +376,9 @@ async fn check(resp: reqwest::Response) -> anyhow::Result<Value> {
     let body: Value = resp.json().await.context("reading the node's answer")?;
     if !status.is_success() {
         let msg = body["error"]["message"].as_str().unwrap_or("unknown error");
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            bail!("node answered {status}: {msg}. Pass its key with --api-key or SLM_SWARM_API_KEY");
+        }
         bail!("node answered {status}: {msg}");
     }
     Ok(body)
@@ -374,7 +406,7 @@ pub(super) fn query(a: QueryArgs) -> anyhow::Result<ExitCode> {
         if let Some(n) = a.max_tokens {
             body["max_tokens"] = json!(n);
         }
-        let resp = client()?
+        let resp = client(&a.target)?
             .post(endpoint(&a.target.node, "/v1/chat/completions"))
             .json(&body)
             .send()
@@ -500,7 +532,7 @@ pub(super) fn peers(a: PeersArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let resp = client()?
+        let resp = client(&a.target)?
             .get(endpoint(&a.target.node, "/v1/swarm/peers"))
             .send()
             .await
