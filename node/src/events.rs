@@ -25,7 +25,7 @@ const MAX_TEXT: usize = 200;
 pub struct QueryEvent {
     /// Wall-clock time the query ended, Unix ms.
     pub at_ms: u64,
-    /// "local", "vote", "cloud", or "error".
+    /// "local", "forward", "vote", "cloud", or "error".
     pub route: String,
     pub task: String,
     pub model: String,

@@ -1,5 +1,6 @@
 //! Real `slm-swarm` processes on loopback, joined by bootstrap only (no mDNS):
-//! adverts are seen, a query for a model only one node has is forwarded to it,
+//! adverts are seen, a query for a model only one node has is forwarded to it
+//! (but never with privacy `device`),
 //! a killed node leaves every peer list within 3 advert intervals and its model
 //! then answers 503, bad HTTP input gets the right OpenAI error, and SIGTERM
 //! shuts a node down cleanly.
@@ -81,7 +82,27 @@ fn three_nodes_forward_queries_and_forget_dead_peers() {
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["swarm"]["peer"], json!(n3.peer_id), "{r}");
     assert_eq!(r["model"], json!("tiny-c"));
-    assert_eq!(r["swarm"]["route"], json!("local"));
+    assert_eq!(r["swarm"]["route"], json!("forward"));
+    assert_eq!(r["swarm"]["forwarded"], json!(true));
+    assert_eq!(r["swarm"]["task"], json!("free"), "{r}");
+
+    // privacy `device` with a model only a peer has: a clear 400, and nothing reaches the peer.
+    let served = |n: &NodeProc| {
+        let (_, m) = n.get("/metrics").expect("metrics");
+        m.as_str()
+            .unwrap_or("")
+            .lines()
+            .find(|l| l.starts_with("slm_swarm_queries_total{route=\"local\"}"))
+            .map(str::to_string)
+    };
+    let before = served(&n3);
+    let private = json!({"model": "tiny-c", "messages": [{"role": "user", "content": "my secret"}],
+                         "max_tokens": 8, "swarm": {"privacy": "device"}});
+    let (st, refused) = n1.post("/v1/chat/completions", &private).expect("chat");
+    assert_eq!(st, 400, "{refused}");
+    let msg = refused["error"]["message"].as_str().unwrap_or("");
+    assert!(msg.contains("device"), "{refused}");
+    assert_eq!(served(&n3), before, "the peer served a device-only request");
     assert!(r["swarm"]["confidence"].as_f64().is_some());
     assert!(r["swarm"]["elapsed_ms"].as_u64().is_some());
 

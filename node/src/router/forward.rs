@@ -1,12 +1,14 @@
 //! Forwarding a whole query to peers that serve the requested model when this
-//! node does not, least loaded first, until one answers.
+//! node does not, least loaded first, until one answers. Privacy is read first:
+//! a `device` request never leaves this node. The safety check runs here too,
+//! and the answer reports the real task and route (`forward`).
 
 use std::time::Instant;
 
 use libp2p::PeerId;
-use swarm_protocol::{ErrorCode, QueryReply, QueryRequest, Task};
+use swarm_protocol::{ErrorCode, Privacy, QueryReply, QueryRequest};
 
-use super::request::{remaining, wire_deadline, Answer, ChatRequest, Provenance, RouteError};
+use super::request::{last_user, remaining, wire_deadline, Answer, ChatRequest, Provenance, RouteError};
 use super::Router;
 
 impl Router {
@@ -19,6 +21,23 @@ impl Router {
         t0: Instant,
     ) -> Result<Answer, RouteError> {
         let model = req.model.clone().unwrap_or_default();
+        // Before any byte leaves: a device-only request is refused, not forwarded.
+        if req.ext.privacy.unwrap_or(self.p.routing.privacy) == Privacy::Device {
+            return Err(RouteError::BadRequest(format!(
+                "model `{model}` is served only by peers, and privacy `device` keeps this request on \
+                 this device: ask one of this node's models ({}), or allow privacy `swarm`",
+                self.p.models.ids().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let task = req.task();
+        let safety = self
+            .p
+            .semantic
+            .check(self.p.routing.safety, last_user(&req.messages))
+            .await;
+        if safety.flagged {
+            self.p.metrics.safety_flags.inc();
+        }
         let mut last_err = String::from("no peer answered");
         for p in peers {
             let Ok(peer) = p.parse::<PeerId>() else { continue };
@@ -41,11 +60,13 @@ impl Router {
                 Ok(QueryReply::Ok(r)) => {
                     self.p.metrics.forwarded.inc();
                     let elapsed = t0.elapsed().as_millis() as u64;
-                    self.p.metrics.observe_query("local", elapsed as f64);
-                    // The peer generates text whatever the task (issue #19 routes this path properly).
-                    let mut prov = Provenance::answered_by(&p, &r.model, r.confidence, &Task::Free);
+                    self.p.metrics.observe_query("forward", elapsed as f64);
+                    let mut prov = Provenance::answered_by(&p, &r.model, r.confidence, &task);
+                    prov.route = "forward".into();
                     prov.elapsed_ms = elapsed;
                     prov.forwarded = true;
+                    prov.safety_flag = safety.flagged;
+                    prov.safety_category = safety.category.clone();
                     return Ok(Answer {
                         text: r.text,
                         model: r.model,
