@@ -230,7 +230,23 @@ mod tests {
         let dash = include_str!("../../configs/grafana/slm-swarm.json");
         let v: serde_json::Value = serde_json::from_str(dash).expect("dashboard is JSON");
         assert!(v["panels"].as_array().is_some_and(|p| p.len() >= 8));
-        let text = Metrics::new().render();
+        // Labelled families render nothing until they hold a sample, as on a
+        // fresh node; give each one a sample so every name is exposed.
+        let m = Metrics::new();
+        m.observe_query("local", 12.0);
+        m.escalations
+            .get_or_create(&OutcomeLabel {
+                outcome: "answered".into(),
+            })
+            .inc();
+        m.set_swarm(&SwarmGauges {
+            peers: 1,
+            gateway_term: 1,
+            gateway_is_self: false,
+            cloud_budget_left: 1,
+            models: vec![("m".into(), 0, 0)],
+        });
+        let text = m.render();
         let mut names: Vec<&str> = Vec::new();
         let mut rest = dash;
         while let Some(i) = rest.find("slm_swarm_") {
