@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use swarm_protocol::{Choice, Privacy, RouteOverride, Task};
 
 use super::ApiError;
+use crate::config::NodeConfig;
 use crate::inference::ChatMessage;
 use crate::node::Node;
 use crate::router::{ChatParams, ChatRequest, SwarmExt};
@@ -170,6 +171,12 @@ fn parse_route(s: Option<&str>) -> Result<RouteOverride, ApiError> {
 impl ChatCompletionRequest {
     /// Validate and convert into the router's request.
     pub fn into_request(self, node: &Node) -> Result<ChatRequest, ApiError> {
+        self.into_request_with(&node.cfg)
+    }
+
+    /// [`Self::into_request`] against a configuration alone (all it reads of
+    /// the node), so tests and the fuzz targets need no running node.
+    pub fn into_request_with(self, cfg: &NodeConfig) -> Result<ChatRequest, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::bad_request("messages must not be empty").with_param("messages"));
         }
@@ -221,11 +228,11 @@ impl ChatCompletionRequest {
         if self.n.unwrap_or(1) != 1 {
             return Err(ApiError::bad_request("only n = 1 is supported").with_param("n"));
         }
-        let limit = node.cfg.max_tokens_limit;
+        let limit = cfg.max_tokens_limit;
         let max_tokens = self
             .max_completion_tokens
             .or(self.max_tokens)
-            .unwrap_or(node.cfg.default_max_tokens);
+            .unwrap_or(cfg.default_max_tokens);
         if max_tokens == 0 || max_tokens > limit {
             return Err(
                 ApiError::bad_request(format!("max_tokens must be in 1..={limit}")).with_param("max_tokens"),
@@ -289,7 +296,7 @@ impl ChatCompletionRequest {
                 },
             },
             ext,
-            deadline: Instant::now() + Duration::from_millis(node.cfg.request_timeout_ms),
+            deadline: Instant::now() + Duration::from_millis(cfg.request_timeout_ms),
         })
     }
 }

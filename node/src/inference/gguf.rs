@@ -2,6 +2,7 @@
 //! hyper-parameters the transformer needs, for the architectures we run.
 
 use std::collections::HashMap;
+use std::io::{Read, Seek};
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -279,8 +280,15 @@ pub fn file_type_name(ft: Option<u32>) -> &'static str {
 pub fn read_header(path: &Path) -> Result<(std::fs::File, Content), InferenceError> {
     let mut file = std::fs::File::open(path)
         .map_err(|e| InferenceError::Io(format!("cannot open {}: {e}", path.display())))?;
-    let content = Content::read(&mut file).map_err(|e| {
-        InferenceError::BadModel(format!("{} is not a readable GGUF file: {e}", path.display()))
+    let content = parse_header(&mut file).map_err(|e| match e {
+        InferenceError::BadModel(m) => InferenceError::BadModel(format!("{}: {m}", path.display())),
+        other => other,
     })?;
     Ok((file, content))
+}
+
+/// Reads a GGUF header from any seekable source: the one parser of untrusted
+/// model bytes, so tests and the fuzz targets can feed it bytes directly.
+pub fn parse_header<R: Read + Seek>(reader: &mut R) -> Result<Content, InferenceError> {
+    Content::read(reader).map_err(|e| InferenceError::BadModel(format!("not a readable GGUF file: {e}")))
 }
