@@ -242,12 +242,17 @@ impl ModelConfig {
     }
 
     /// Parameter count estimated from the shapes (embeddings counted once).
+    /// Saturating: the shapes come from the file, and absurd ones must give a
+    /// huge count, not wrap to a small one (found by fuzzing).
     pub fn approx_params(&self) -> u64 {
-        let d = self.n_embd as u64;
-        let attn =
-            d * (self.n_head * self.head_dim) as u64 * 2 + d * (self.n_kv_head * self.head_dim) as u64 * 2;
-        let ffn = 3 * d * self.n_ff as u64;
-        self.n_layer as u64 * (attn + ffn) + self.vocab_size as u64 * d
+        let (d, head) = (self.n_embd as u64, self.head_dim as u64);
+        let q = d.saturating_mul((self.n_head as u64).saturating_mul(head));
+        let kv = d.saturating_mul((self.n_kv_head as u64).saturating_mul(head));
+        let attn = q.saturating_add(kv).saturating_mul(2);
+        let ffn = d.saturating_mul(self.n_ff as u64).saturating_mul(3);
+        (self.n_layer as u64)
+            .saturating_mul(attn.saturating_add(ffn))
+            .saturating_add((self.vocab_size as u64).saturating_mul(d))
     }
 
     /// Whether layer `i` attends only within the sliding window.
@@ -339,6 +344,32 @@ mod tests {
             let _ = tok.decode(&[0, 1, 2, 500, u32::MAX]);
         }
         Ok(())
+    }
+
+    /// Found by fuzzing: large shapes overflowed the parameter estimate (a panic
+    /// with overflow checks, a wrapped small count without).
+    #[test]
+    fn absurd_shapes_saturate_the_parameter_estimate() {
+        let big = |v: u32| Value::U32(v);
+        let md = [
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.block_count", big(u32::MAX)),
+            ("llama.embedding_length", big(u32::MAX)),
+            ("llama.feed_forward_length", big(u32::MAX)),
+            ("llama.attention.head_count", big(1)),
+            ("llama.attention.key_length", big(u32::MAX)),
+            ("llama.vocab_size", big(u32::MAX)),
+            ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ];
+        let content = parse_header(&mut Cursor::new(header(&md))).expect("parse");
+        let cfg = ModelConfig::from_content(&content).expect("config");
+        assert_eq!(cfg.approx_params(), u64::MAX);
+        let tiny = parse_header(&mut Cursor::new(tiny_header())).expect("tiny");
+        let p = ModelConfig::from_content(&tiny)
+            .expect("tiny config")
+            .approx_params();
+        // 2 layers × (attention 2·64·(64 + 32) + ffn 3·64·128) + 269 tokens × 64.
+        assert_eq!(p, 90_944);
     }
 
     proptest! {
