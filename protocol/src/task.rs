@@ -12,7 +12,8 @@
 //!    starts with who / what / when / where / which / how many / how much.
 //! 4. **free**: everything else.
 
-use crate::message::{Choice, Task, MAX_CHOICES};
+use crate::message::{Choice, Task, MAX_CHOICES, MAX_CHOICE_TEXT_LEN};
+use crate::text::clip;
 
 /// Longest prompt (in words) still treated as a short factual question.
 pub const SHORT_MAX_WORDS: usize = 25;
@@ -31,6 +32,16 @@ pub fn detect_task(prompt: &str) -> Task {
 
 fn letter(i: usize) -> char {
     (b'A' + i as u8) as char
+}
+
+/// An option as the wire carries it: its text cut to [`MAX_CHOICE_TEXT_LEN`] on a
+/// character boundary. Peers refuse a task with a longer option, so an uncut one
+/// made every vote and escalation of such a prompt fail (found by fuzzing).
+fn choice(label: char, text: &str) -> Choice {
+    Choice {
+        label: label.to_string(),
+        text: clip(text, MAX_CHOICE_TEXT_LEN).trim_end().to_owned(),
+    }
 }
 
 /// `(X) rest`, `X. rest`, `X) rest` with X an upper-case ASCII letter and `rest` non-empty.
@@ -71,17 +82,11 @@ fn line_options(prompt: &str) -> Option<Vec<Choice>> {
         }
         match option_line(line) {
             Some((l, text)) if l == letter(run.len()) && run.len() < MAX_CHOICES => {
-                run.push(Choice {
-                    label: l.to_string(),
-                    text: text.to_owned(),
-                });
+                run.push(choice(l, text));
             }
             Some(('A', text)) => {
                 flush(&mut run, &mut best);
-                run.push(Choice {
-                    label: "A".into(),
-                    text: text.to_owned(),
-                });
+                run.push(choice('A', text));
             }
             _ => flush(&mut run, &mut best),
         }
@@ -132,10 +137,7 @@ fn inline_chain(line: &str, per_letter: &[Vec<(usize, usize)>], start: (usize, u
         if text.is_empty() {
             break;
         }
-        choices.push(Choice {
-            label: letter(i).to_string(),
-            text: text.to_owned(),
-        });
+        choices.push(choice(letter(i), text));
     }
     choices
 }
@@ -228,6 +230,24 @@ mod tests {
         assert_eq!(detect_task("a. x\nb. y"), Task::Free);
         assert_eq!(detect_task("A cat sat on a mat. B is a letter."), Task::Free);
         assert_eq!(detect_task("Rate it A. Then B."), Task::Free);
+    }
+
+    #[test]
+    fn long_options_are_cut_to_the_wire_limit() {
+        use crate::message::Validate;
+        // Found by fuzzing: an option over MAX_CHOICE_TEXT_LEN made a task peers refuse.
+        let long = format!("x{}", "é".repeat(MAX_CHOICE_TEXT_LEN));
+        for prompt in [
+            format!("Pick:\nA) short\nB) {long}"),
+            format!("Pick: A) short B) {long}"),
+            format!("A. {long}\nB. {long}  tail"),
+        ] {
+            let t = detect_task(&prompt);
+            assert_eq!(t.validate(), Ok(()), "{prompt:.40}");
+            for (_, text) in texts(&t) {
+                assert!(text.len() <= MAX_CHOICE_TEXT_LEN && long.starts_with(text) || text == "short");
+            }
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use swarm_protocol::{Choice, Privacy, RouteOverride, Task};
 
 use super::ApiError;
+use crate::config::NodeConfig;
 use crate::inference::ChatMessage;
 use crate::node::Node;
 use crate::router::{ChatParams, ChatRequest, SwarmExt};
@@ -170,6 +171,12 @@ fn parse_route(s: Option<&str>) -> Result<RouteOverride, ApiError> {
 impl ChatCompletionRequest {
     /// Validate and convert into the router's request.
     pub fn into_request(self, node: &Node) -> Result<ChatRequest, ApiError> {
+        self.into_request_with(&node.cfg)
+    }
+
+    /// [`Self::into_request`] against a configuration alone (all it reads of
+    /// the node), so tests and the fuzz targets need no running node.
+    pub fn into_request_with(self, cfg: &NodeConfig) -> Result<ChatRequest, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::bad_request("messages must not be empty").with_param("messages"));
         }
@@ -221,11 +228,11 @@ impl ChatCompletionRequest {
         if self.n.unwrap_or(1) != 1 {
             return Err(ApiError::bad_request("only n = 1 is supported").with_param("n"));
         }
-        let limit = node.cfg.max_tokens_limit;
+        let limit = cfg.max_tokens_limit;
         let max_tokens = self
             .max_completion_tokens
             .or(self.max_tokens)
-            .unwrap_or(node.cfg.default_max_tokens);
+            .unwrap_or(cfg.default_max_tokens);
         if max_tokens == 0 || max_tokens > limit {
             return Err(
                 ApiError::bad_request(format!("max_tokens must be in 1..={limit}")).with_param("max_tokens"),
@@ -289,7 +296,224 @@ impl ChatCompletionRequest {
                 },
             },
             ext,
-            deadline: Instant::now() + Duration::from_millis(node.cfg.request_timeout_ms),
+            deadline: Instant::now() + Duration::from_millis(cfg.request_timeout_ms),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Properties of the body → request conversion (the `http_request` fuzz
+    //! target's, with bounded case counts): no panic on any body; an accepted
+    //! request is within the limits, and the messages the router builds from it
+    //! for peers are valid and fit the wire.
+
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use serde_json::{json, Map, Value};
+    use swarm_protocol::{encode_msg, EscalateRequest, QueryRequest, VoteRequest, WireMessage};
+
+    use super::*;
+    use crate::router::task_of;
+
+    fn fits<T: WireMessage + std::fmt::Debug>(what: &str, msg: &T) -> Result<(), TestCaseError> {
+        prop_assert_eq!(msg.validate(), Ok(()), "{} from an accepted request", what);
+        prop_assert!(
+            encode_msg(msg).is_ok(),
+            "{} from an accepted request does not fit",
+            what
+        );
+        Ok(())
+    }
+
+    /// What the `http_request` fuzz target checks, for one body.
+    fn check(body: &[u8]) -> Result<(), TestCaseError> {
+        let Ok(parsed) = serde_json::from_slice::<ChatCompletionRequest>(body) else {
+            return Ok(());
+        };
+        let cfg = NodeConfig::default();
+        let Ok(req) = parsed.into_request_with(&cfg) else {
+            return Ok(());
+        };
+        prop_assert!(!req.messages.is_empty() && req.messages.len() <= swarm_protocol::MAX_MESSAGES);
+        let total: usize = req.messages.iter().map(|m| m.content.len()).sum();
+        prop_assert!(total <= swarm_protocol::MAX_CONTENT_BYTES);
+        prop_assert!((1..=cfg.max_tokens_limit).contains(&req.params.max_tokens));
+        let task = task_of(&req.messages, req.ext.task.clone());
+        prop_assert_eq!(&task, &task_of(&req.messages, req.ext.task.clone()));
+        let max_tokens = req.params.max_tokens.clamp(1, swarm_protocol::MAX_TOKENS);
+        fits(
+            "vote request",
+            &VoteRequest {
+                id: 1,
+                messages: req.messages.clone(),
+                task: task.clone(),
+                max_tokens,
+                deadline_ms: 1_000,
+                model: Some("m".into()),
+            },
+        )?;
+        fits(
+            "escalate request",
+            &EscalateRequest {
+                id: 1,
+                messages: req.messages.clone(),
+                task,
+                max_tokens,
+                swarm_answers: Vec::new(),
+                deadline_ms: 1_000,
+            },
+        )?;
+        fits(
+            "query request",
+            &QueryRequest {
+                id: 1,
+                model: "m".into(),
+                messages: req.messages,
+                max_tokens: req.params.max_tokens,
+                temperature: req.params.temperature,
+                seed: req.params.seed,
+                stop: req.params.stop,
+                logprobs: req.params.top_logprobs > 0,
+                deadline_ms: 1_000,
+            },
+        )
+    }
+
+    fn short_text() -> impl Strategy<Value = String> {
+        vec(any::<char>(), 0..24).prop_map(String::from_iter)
+    }
+
+    /// Multiple choice prompts, in line and inline form, with options up to 2 KiB.
+    fn mcq_prompt() -> impl Strategy<Value = String> {
+        (short_text(), vec(0usize..2048, 2..5), any::<bool>()).prop_map(|(q, lens, inline)| {
+            let sep = if inline { " " } else { "\n" };
+            let mut s = q;
+            for (i, n) in lens.into_iter().enumerate() {
+                s.push_str(sep);
+                s.push((b'A' + i as u8) as char);
+                s.push_str(". ");
+                s.push_str(&"é".repeat(n / 2 + 1));
+            }
+            s
+        })
+    }
+
+    fn content() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            short_text().prop_map(Value::from),
+            mcq_prompt().prop_map(Value::from),
+            Just(Value::Null),
+            vec(
+                (
+                    prop_oneof![Just("text"), Just("image_url")],
+                    proptest::option::of(short_text())
+                ),
+                0..3
+            )
+            .prop_map(|parts| Value::Array(
+                parts
+                    .into_iter()
+                    .map(|(t, text)| json!({"type": t, "text": text}))
+                    .collect()
+            )),
+        ]
+    }
+
+    fn role() -> impl Strategy<Value = &'static str> {
+        prop_oneof![
+            Just("user"),
+            Just("system"),
+            Just("assistant"),
+            Just("developer"),
+            Just("tool"),
+            Just("robot"),
+        ]
+    }
+
+    fn swarm_ext() -> impl Strategy<Value = Value> {
+        (
+            proptest::option::of(prop_oneof![
+                Just("auto"),
+                Just("local"),
+                Just("vote"),
+                Just("cloud"),
+                Just("x")
+            ]),
+            proptest::option::of(prop_oneof![
+                Just("mcq"),
+                Just("label"),
+                Just("short"),
+                Just("free"),
+                Just("y")
+            ]),
+            proptest::option::of(vec(short_text(), 0..20)),
+            proptest::option::of(vec(short_text(), 0..70)),
+            proptest::option::of(-0.5f32..1.5),
+        )
+            .prop_map(|(route, task, choices, labels, mc)| {
+                let mut m = Map::new();
+                let mut put = |k: &str, v: Option<Value>| {
+                    if let Some(v) = v {
+                        m.insert(k.into(), v);
+                    }
+                };
+                put("route", route.map(Value::from));
+                put("task", task.map(Value::from));
+                put("choices", choices.map(Value::from));
+                put("labels", labels.map(Value::from));
+                put("min_confidence", mc.map(Value::from));
+                Value::Object(m)
+            })
+    }
+
+    fn body() -> impl Strategy<Value = Value> {
+        (
+            vec((role(), content()), 0..5),
+            proptest::option::of(0u32..5000),
+            proptest::option::of(-1.0f32..3.0),
+            proptest::option::of(prop_oneof![
+                short_text().prop_map(Value::from),
+                vec(short_text(), 0..10).prop_map(Value::from)
+            ]),
+            proptest::option::of(0u32..3),
+            proptest::option::of(swarm_ext()),
+        )
+            .prop_map(|(msgs, max_tokens, temperature, stop, n, swarm)| {
+                let mut m = Map::new();
+                m.insert(
+                    "messages".into(),
+                    Value::Array(
+                        msgs.into_iter()
+                            .map(|(r, c)| json!({"role": r, "content": c}))
+                            .collect(),
+                    ),
+                );
+                let mut put = |k: &str, v: Option<Value>| {
+                    if let Some(v) = v {
+                        m.insert(k.into(), v);
+                    }
+                };
+                put("max_tokens", max_tokens.map(Value::from));
+                put("temperature", temperature.map(Value::from));
+                put("stop", stop);
+                put("n", n.map(Value::from));
+                put("swarm", swarm);
+                Value::Object(m)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn accepted_requests_are_bounded_and_sendable(b in body()) {
+            check(&serde_json::to_vec(&b).expect("json"))?;
+        }
+
+        #[test]
+        fn arbitrary_bodies_never_panic(bytes in vec(any::<u8>(), 0..512)) {
+            check(&bytes)?;
+        }
     }
 }

@@ -38,6 +38,12 @@ struct Mode {
     ignore_stream: bool,
     /// Replaces the `usage` object of plain answers (`Value::Null`: none).
     usage: Option<Value>,
+    /// Replaces the answer: plain content, or the streamed pieces.
+    answer: Option<Vec<String>>,
+    /// Stream: an `error` event with this message after the pieces.
+    stream_error: Option<String>,
+    /// Stream: bytes per body chunk (default 7, so boundaries fall mid-event).
+    chunk_bytes: Option<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -163,7 +169,10 @@ async fn mock_chat(State(s): State<Arc<MockState>>, headers: HeaderMap, body: St
         let mut answer = json!({
             "id": "chatcmpl-1", "object": "chat.completion", "model": "mock-large",
             "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": format!("echo: {last}")}}],
+                         "message": {"role": "assistant", "content": match &mode.answer {
+                             Some(pieces) => pieces.concat(),
+                             None => format!("echo: {last}"),
+                         }}}],
         });
         if !usage.is_null() {
             answer["usage"] = usage;
@@ -181,8 +190,15 @@ async fn mock_chat(State(s): State<Arc<MockState>>, headers: HeaderMap, body: St
         ": keep-alive\n\n".to_string(),
         chunk(json!({"role": "assistant"}), Value::Null),
     ];
-    for p in PIECES {
+    let pieces = mode
+        .answer
+        .clone()
+        .unwrap_or_else(|| PIECES.map(String::from).to_vec());
+    for p in pieces {
         events.push(chunk(json!({"content": p}), Value::Null));
+    }
+    if let Some(msg) = &mode.stream_error {
+        events.push(format!("data: {}\n\n", json!({"error": {"message": msg}})));
     }
     if !mode.cut_stream {
         events.push(chunk(json!({}), json!("stop")));
@@ -191,7 +207,7 @@ async fn mock_chat(State(s): State<Arc<MockState>>, headers: HeaderMap, body: St
     let body = async_stream::stream! {
         for (i, ev) in events.into_iter().enumerate() {
             // Small slices with pauses, so chunk boundaries fall mid-event.
-            for piece in ev.as_bytes().chunks(7) {
+            for piece in ev.as_bytes().chunks(mode.chunk_bytes.unwrap_or(7)) {
                 yield Ok::<_, std::io::Error>(Bytes::copy_from_slice(piece));
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
@@ -564,4 +580,5 @@ async fn bad_requests_are_refused_before_the_budget() {
 }
 
 /// What a call reserves before it is sent: estimated prompt plus `max_tokens`.
+mod multibyte;
 mod tokens;

@@ -2,6 +2,7 @@
 //! hyper-parameters the transformer needs, for the architectures we run.
 
 use std::collections::HashMap;
+use std::io::{Read, Seek};
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -241,12 +242,17 @@ impl ModelConfig {
     }
 
     /// Parameter count estimated from the shapes (embeddings counted once).
+    /// Saturating: the shapes come from the file, and absurd ones must give a
+    /// huge count, not wrap to a small one (found by fuzzing).
     pub fn approx_params(&self) -> u64 {
-        let d = self.n_embd as u64;
-        let attn =
-            d * (self.n_head * self.head_dim) as u64 * 2 + d * (self.n_kv_head * self.head_dim) as u64 * 2;
-        let ffn = 3 * d * self.n_ff as u64;
-        self.n_layer as u64 * (attn + ffn) + self.vocab_size as u64 * d
+        let (d, head) = (self.n_embd as u64, self.head_dim as u64);
+        let q = d.saturating_mul((self.n_head as u64).saturating_mul(head));
+        let kv = d.saturating_mul((self.n_kv_head as u64).saturating_mul(head));
+        let attn = q.saturating_add(kv).saturating_mul(2);
+        let ffn = d.saturating_mul(self.n_ff as u64).saturating_mul(3);
+        (self.n_layer as u64)
+            .saturating_mul(attn.saturating_add(ffn))
+            .saturating_add((self.vocab_size as u64).saturating_mul(d))
     }
 
     /// Whether layer `i` attends only within the sliding window.
@@ -279,8 +285,143 @@ pub fn file_type_name(ft: Option<u32>) -> &'static str {
 pub fn read_header(path: &Path) -> Result<(std::fs::File, Content), InferenceError> {
     let mut file = std::fs::File::open(path)
         .map_err(|e| InferenceError::Io(format!("cannot open {}: {e}", path.display())))?;
-    let content = Content::read(&mut file).map_err(|e| {
-        InferenceError::BadModel(format!("{} is not a readable GGUF file: {e}", path.display()))
+    let content = parse_header(&mut file).map_err(|e| match e {
+        InferenceError::BadModel(m) => InferenceError::BadModel(format!("{}: {m}", path.display())),
+        other => other,
     })?;
     Ok((file, content))
+}
+
+/// Reads a GGUF header from any seekable source: the one parser of untrusted
+/// model bytes, so tests and the fuzz targets can feed it bytes directly.
+pub fn parse_header<R: Read + Seek>(reader: &mut R) -> Result<Content, InferenceError> {
+    Content::read(reader).map_err(|e| InferenceError::BadModel(format!("not a readable GGUF file: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The `gguf_header` fuzz target's properties, bounded: any bytes, and
+    //! mutations of real headers, parse or fail cleanly, and what loads is consistent.
+
+    use std::io::Cursor;
+
+    use candle_core::quantized::gguf_file;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::inference::testing::{tiny_model, TinySpec};
+    use crate::inference::tokenizer::TextTokenizer;
+
+    /// The tiny test model's header (no tensor data): a real, complete header.
+    fn tiny_header() -> Vec<u8> {
+        let (_dir, path) = tiny_model(&TinySpec::default()).expect("tiny model");
+        let bytes = std::fs::read(path).expect("read");
+        let content = parse_header(&mut Cursor::new(&bytes)).expect("tiny header parses");
+        let end = usize::try_from(content.tensor_data_offset).expect("offset");
+        bytes[..end.min(bytes.len())].to_vec()
+    }
+
+    /// A header of the given metadata alone (no tensors).
+    fn header(md: &[(&str, Value)]) -> Vec<u8> {
+        let refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+        let mut out = Cursor::new(Vec::new());
+        gguf_file::write(&mut out, &refs, &[]).expect("write");
+        out.into_inner()
+    }
+
+    fn everything(bytes: &[u8]) -> Result<(), TestCaseError> {
+        let Ok(content) = parse_header(&mut Cursor::new(bytes)) else {
+            return Ok(());
+        };
+        if let Ok(cfg) = ModelConfig::from_content(&content) {
+            prop_assert!(cfg.n_head > 0 && cfg.n_kv_head > 0 && cfg.n_head % cfg.n_kv_head == 0);
+            let _ = cfg.approx_params();
+            let _ = cfg.is_local_layer(0);
+        }
+        if let Ok(tok) = TextTokenizer::from_gguf(&content) {
+            let _ = tok.encode("Hello, world! é <|im_end|>");
+            let _ = tok.decode(&[0, 1, 2, 500, u32::MAX]);
+        }
+        Ok(())
+    }
+
+    /// Found by fuzzing: large shapes overflowed the parameter estimate (a panic
+    /// with overflow checks, a wrapped small count without).
+    #[test]
+    fn absurd_shapes_saturate_the_parameter_estimate() {
+        let big = |v: u32| Value::U32(v);
+        let md = [
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.block_count", big(u32::MAX)),
+            ("llama.embedding_length", big(u32::MAX)),
+            ("llama.feed_forward_length", big(u32::MAX)),
+            ("llama.attention.head_count", big(1)),
+            ("llama.attention.key_length", big(u32::MAX)),
+            ("llama.vocab_size", big(u32::MAX)),
+            ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ];
+        let content = parse_header(&mut Cursor::new(header(&md))).expect("parse");
+        let cfg = ModelConfig::from_content(&content).expect("config");
+        assert_eq!(cfg.approx_params(), u64::MAX);
+        let tiny = parse_header(&mut Cursor::new(tiny_header())).expect("tiny");
+        let p = ModelConfig::from_content(&tiny)
+            .expect("tiny config")
+            .approx_params();
+        // 2 layers × (attention 2·64·(64 + 32) + ffn 3·64·128) + 269 tokens × 64.
+        assert_eq!(p, 90_944);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(mut bytes in vec(any::<u8>(), 0..512), magic in any::<bool>()) {
+            if magic && bytes.len() >= 8 {
+                bytes[..8].copy_from_slice(b"GGUF\x03\0\0\0");
+            }
+            everything(&bytes)?;
+        }
+
+        #[test]
+        fn mutated_headers_never_panic(
+            edits in vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut bytes = tiny_header();
+            for (at, b) in edits {
+                let i = at.index(bytes.len());
+                bytes[i] = b;
+            }
+            let end = cut.index(bytes.len() + 1);
+            everything(&bytes)?;
+            everything(&bytes[..end])?;
+        }
+
+        /// Any hyper-parameter values: loading them is an error or a consistent config.
+        #[test]
+        fn any_hyper_parameters_load_or_fail_cleanly(
+            vals in vec(any::<u32>(), 8),
+            eps in any::<f32>(),
+            swa in proptest::option::of(any::<u32>()),
+        ) {
+            let mut md = vec![
+                ("general.architecture", Value::String("gemma3".into())),
+                ("gemma3.block_count", Value::U32(vals[0])),
+                ("gemma3.embedding_length", Value::U32(vals[1])),
+                ("gemma3.feed_forward_length", Value::U32(vals[2])),
+                ("gemma3.attention.head_count", Value::U32(vals[3] % 64)),
+                ("gemma3.attention.head_count_kv", Value::U32(vals[4] % 64)),
+                ("gemma3.attention.key_length", Value::U32(vals[5])),
+                ("gemma3.vocab_size", Value::U32(vals[6])),
+                ("gemma3.context_length", Value::U32(vals[7])),
+                ("gemma3.attention.layer_norm_rms_epsilon", Value::F32(eps)),
+            ];
+            if let Some(p) = swa {
+                md.push(("gemma3.attention.sliding_window", Value::U32(4096)));
+                md.push(("gemma3.attention.sliding_window_pattern", Value::U32(p)));
+            }
+            everything(&header(&md))?;
+        }
+    }
 }

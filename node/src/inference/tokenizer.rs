@@ -230,6 +230,17 @@ fn build_byte_level(tokens: &[&str], merges: &[&str], pre: &str) -> Result<Token
         .filter_map(|m| m.split_once(' '))
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect();
+    // The tokenizers crate indexes a buffer as long as the longest token with the
+    // merged pair before it checks the pair is a token, so a merge whose result is
+    // not in the vocabulary would panic there (found by fuzzing): refuse it here.
+    if let Some((a, b)) = merges
+        .iter()
+        .find(|(a, b)| !vocab.contains_key(&format!("{a}{b}")))
+    {
+        return Err(InferenceError::BadModel(format!(
+            "merge `{a} {b}` makes a token that is not in the vocabulary"
+        )));
+    }
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
@@ -355,4 +366,103 @@ fn vocab_map(tokens: &[&str]) -> Vocab {
         vocab.entry(t.to_string()).or_insert(i as u32);
     }
     vocab
+}
+
+#[cfg(test)]
+mod tests {
+    //! The tokenizer fuzz targets' properties, bounded, on the tiny byte-level
+    //! vocabulary the tests build (node/tests/real_models.rs has them on SmolLM2's).
+
+    use std::io::Cursor;
+    use std::sync::OnceLock;
+
+    use candle_core::quantized::gguf_file::Value;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::inference::gguf::parse_header;
+    use crate::inference::testing::{tiny_model, TinySpec};
+
+    fn tiny() -> &'static TextTokenizer {
+        static TOK: OnceLock<TextTokenizer> = OnceLock::new();
+        TOK.get_or_init(|| {
+            let (_dir, path) = tiny_model(&TinySpec::default()).expect("tiny model");
+            let bytes = std::fs::read(path).expect("read");
+            let content = parse_header(&mut Cursor::new(bytes)).expect("header");
+            TextTokenizer::from_gguf(&content).expect("tokenizer")
+        })
+    }
+
+    /// The pieces a stream yields, joined, are a prefix of the decoded text.
+    fn stream_is_prefix(tok: &TextTokenizer, ids: &[u32]) -> Result<(), TestCaseError> {
+        let mut stream = tok.stream();
+        let mut shown = String::new();
+        for &id in ids {
+            if let Ok(Some(piece)) = stream.push(id) {
+                shown.push_str(&piece);
+            }
+        }
+        if let Ok(all) = stream.text() {
+            prop_assert!(all.starts_with(&shown), "streamed {:?}, text {:?}", shown, all);
+        }
+        Ok(())
+    }
+
+    fn content(md: Vec<(&str, Value)>) -> Content {
+        Content {
+            magic: candle_core::quantized::gguf_file::VersionedMagic::GgufV3,
+            metadata: md.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            tensor_infos: HashMap::new(),
+            tensor_data_offset: 0,
+        }
+    }
+
+    fn strings(v: &[&str]) -> Value {
+        Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect())
+    }
+
+    /// Fuzzing found that a merge whose two halves are tokens but whose result
+    /// is not (and is longer than every token) panicked inside the tokenizers crate.
+    #[test]
+    fn a_merge_outside_the_vocabulary_is_an_error_not_a_panic() {
+        for merge in ["ab ab", "a b", "ab b"] {
+            let c = content(vec![
+                ("tokenizer.ggml.model", Value::String("gpt2".into())),
+                ("tokenizer.ggml.tokens", strings(&["a", "b", "ab"])),
+                ("tokenizer.ggml.merges", strings(&[merge])),
+            ]);
+            match TextTokenizer::from_gguf(&c) {
+                Err(InferenceError::BadModel(m)) => assert!(m.contains("merge"), "{m}"),
+                Err(e) if merge == "a b" => panic!("a valid merge was refused: {e}"),
+                Ok(_) if merge == "a b" => {}
+                other => panic!("merge {merge:?}: expected an error, got {:?}", other.err()),
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn text_round_trips_and_streams_consistently(text in "\\PC{0,80}|[ -~é\\n\\t<|>]{0,80}") {
+            let tok = tiny();
+            let ids = tok.encode(&text).expect("encode");
+            prop_assert!(ids.iter().all(|&i| (i as usize) < tok.vocab_size()));
+            if !text.contains('<') {
+                prop_assert_eq!(tok.decode(&ids).expect("decode"), text);
+            }
+            stream_is_prefix(tok, &ids)?;
+        }
+
+        #[test]
+        fn arbitrary_ids_never_panic(ids in vec(prop_oneof![0u32..300, any::<u32>()], 0..40)) {
+            let tok = tiny();
+            let _ = tok.decode(&ids);
+            for &id in &ids {
+                let _ = tok.token_text(id);
+            }
+            stream_is_prefix(tok, &ids)?;
+        }
+    }
 }

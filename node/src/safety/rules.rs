@@ -304,4 +304,59 @@ mod tests {
         assert!(group_matches("rin*", &w));
         assert!(!group_matches("", &w));
     }
+
+    /// Text built from the rules' own words, separators and case changes, so
+    /// the properties below see hits as well as misses.
+    fn rule_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let words: Vec<&'static str> = RULES
+            .iter()
+            .flat_map(|r| r.all.iter().chain(r.unless))
+            .flat_map(|g| g.split('|'))
+            .collect();
+        let piece = prop_oneof![
+            proptest::sample::select(words).prop_map(|w| w.trim_end_matches('*').to_string()),
+            any::<char>().prop_map(String::from),
+            Just("'s".to_string()),
+            Just("’".to_string()),
+        ];
+        (
+            proptest::collection::vec(
+                (piece, prop_oneof![Just(" "), Just(", "), Just("\n"), Just("")]),
+                0..12,
+            ),
+            any::<bool>(),
+        )
+            .prop_map(|(parts, upper)| {
+                let s: String = parts.into_iter().map(|(w, sep)| w + sep).collect();
+                if upper {
+                    s.to_ascii_uppercase()
+                } else {
+                    s
+                }
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 512,
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// The `safety_rules` fuzz target's properties, bounded.
+        #[test]
+        fn rules_are_deterministic_and_ignore_ascii_case(text in rule_text()) {
+            let hit = rule_hit(&text).map(|r| r.name);
+            proptest::prop_assert_eq!(hit, rule_hit(&text).map(|r| r.name));
+            let verdict = super::super::SafetyClassifier::rules_only().decide(&text, None);
+            proptest::prop_assert_eq!(verdict.rule.as_deref(), hit);
+            if text.is_ascii() {
+                proptest::prop_assert_eq!(rule_hit(&text.to_ascii_lowercase()).map(|r| r.name), hit);
+            }
+            for w in words(&text) {
+                proptest::prop_assert!(!w.is_empty() && !w.contains('\''), "{:?}", w);
+            }
+        }
+    }
 }
