@@ -1,6 +1,7 @@
 //! Inference: the `Backend` trait every model runtime implements, the request and
 //! result types with their confidence signals, and the candle GGUF backend.
 
+pub mod cpu;
 pub mod embedder;
 pub mod engine;
 pub mod gguf;
