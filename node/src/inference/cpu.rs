@@ -11,8 +11,12 @@
 //!
 //! `SLM_SWARM_KERNELS=generic` forces the generic variants everywhere (ops and
 //! matmuls), to test or compare them on a machine that has AVX2.
+//!
+//! Also the one way our kernels spread work over the cores ([`par_chunked`]).
 
-use std::sync::OnceLock;
+use std::any::Any;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 /// The SIMD level of the vector ops (`ops.rs`); the matmul kernels choose
 /// among more variants (`kernels::isa`).
@@ -127,6 +131,25 @@ pub fn fma_exact(a: f32, b: f32, c: f32) -> f32 {
     f64::from_bits(bits.wrapping_add_signed(step)) as f32
 }
 
+/// `f` over 0..n in chunks on candle's persistent barrier pool (the calling
+/// thread takes part). A panic in `f` is caught on the thread where it
+/// happens and resumed here once the pool call has returned: unwinding
+/// through the pool poisons its internal lock, after which every pool call
+/// of every model in the process panics too. This way a panic stays one
+/// request's failure (the model worker catches it).
+pub fn par_chunked<F: Fn(std::ops::Range<usize>) + Sync>(n: usize, f: F) {
+    let panicked: Mutex<Option<Box<dyn Any + Send>>> = Mutex::new(None);
+    candle_core::utils::barrier_pool().execute_chunked(n, |range| {
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(range))) {
+            let mut slot = panicked.lock().unwrap_or_else(PoisonError::into_inner);
+            slot.get_or_insert(p);
+        }
+    });
+    if let Some(p) = panicked.into_inner().unwrap_or_else(PoisonError::into_inner) {
+        resume_unwind(p);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +233,29 @@ mod tests {
             fma_exact(a, -b, c + 2f32.powi(-22)).to_bits(),
             a.mul_add(-b, c + 2f32.powi(-22)).to_bits()
         );
+    }
+
+    #[test]
+    fn a_panic_in_the_pool_reaches_the_caller_and_leaves_the_pool_usable() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let r = catch_unwind(|| {
+            par_chunked(64, |range| {
+                if range.contains(&37) {
+                    panic!("item 37");
+                }
+            })
+        });
+        let msg = r
+            .err()
+            .and_then(|p| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        assert_eq!(msg.as_deref(), Some("item 37"));
+        // Every later call still runs (an unwinding pool call would have
+        // poisoned the pool's lock and made this one panic).
+        let sum = AtomicUsize::new(0);
+        par_chunked(1000, |range| {
+            sum.fetch_add(range.sum::<usize>(), Ordering::Relaxed);
+        });
+        assert_eq!(sum.into_inner(), 999 * 1000 / 2);
     }
 
     #[test]

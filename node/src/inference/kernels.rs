@@ -978,7 +978,7 @@ fn packed_matmul_many(jobs: &mut [(&Packed, &mut [f32])], x: &[f32], m: usize, i
             }
         }
     };
-    candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+    cpu::par_chunked(items, |range| {
         for item in range {
             run(item)
         }

@@ -365,7 +365,7 @@ fn attention_at(level: Level, q: &[f32], keys: &[f32], values: &[f32], s: &AttnS
     if work < 1 << 16 {
         run(0..items);
     } else {
-        candle_core::utils::barrier_pool().execute_chunked(items, run);
+        cpu::par_chunked(items, run);
     }
 }
 
