@@ -674,7 +674,7 @@ mod x86 {
 /// without an FMA unit (`cpu::fma_exact`), so the results are the same bits.
 mod generic {
     use super::{ActQ, Enc, Packed, LANES, QK};
-    use crate::inference::cpu::{Fma, PortableFma};
+    use crate::inference::cpu;
 
     pub(super) fn quantize(x: &[f32], rows: usize, k: usize) -> ActQ {
         let nb = k / QK;
@@ -708,56 +708,106 @@ mod generic {
         out
     }
 
-    /// One block's weights for the 8 columns of group g, [column][k-value],
-    /// read back from the packed layout (`Packed::new` describes it).
-    fn unpack(p: &Packed, g: usize, b: usize, w: &mut [[i16; QK]; LANES]) {
+    /// One block's weights for the 8 columns of group g in the register
+    /// order of the packed layout: w[t][4c + i] is k-value 4t + i of column
+    /// c, so every step is a loop over 32 contiguous bytes (vectorises).
+    #[inline(always)]
+    fn unpack(p: &Packed, g: usize, b: usize, w: &mut [[i16; 32]; 8]) {
         let eb = p.enc.bytes();
         let at = (g * p.nb + b) * eb;
         let base = &p.qs[at..at + eb];
         match p.enc {
             Enc::Nib { hb } => {
                 for h in 0..4 {
-                    for (c, wc) in w.iter_mut().enumerate() {
-                        for i in 0..4 {
-                            let byte = base[h * 32 + 4 * c + i];
-                            wc[4 * (2 * h) + i] = (byte & 0x0f) as i16;
-                            wc[4 * (2 * h + 1) + i] = (byte >> 4) as i16;
-                        }
+                    let bytes = &base[h * 32..h * 32 + 32];
+                    let (lo, hi) = w.split_at_mut(2 * h + 1);
+                    for ((l, hh), &byte) in lo[2 * h].iter_mut().zip(hi[0].iter_mut()).zip(bytes) {
+                        *l = (byte & 0x0f) as i16;
+                        *hh = (byte >> 4) as i16;
                     }
                 }
-                // hb = 0: no bit planes.
+                // hb = 0: no bit planes. Else the high bits of t sit at bit
+                // hb·t of plane 0 (hb = 1), or at 2(t%4) of plane t/4 (hb = 2).
                 if let Some(per_plane) = 8usize.checked_div(hb) {
                     let mask = (1u8 << hb) - 1;
-                    for (c, wc) in w.iter_mut().enumerate() {
-                        for t in 0..8 {
-                            for i in 0..4 {
-                                let plane = base[128 + t / per_plane * 32 + 4 * c + i];
-                                let high = (plane >> (hb * (t % per_plane))) & mask;
-                                wc[4 * t + i] |= (high as i16) << 4;
-                            }
+                    for (t, wt) in w.iter_mut().enumerate() {
+                        let plane = &base[128 + t / per_plane * 32..128 + t / per_plane * 32 + 32];
+                        let shift = hb * (t % per_plane);
+                        for (v, &pl) in wt.iter_mut().zip(plane) {
+                            *v |= (((pl >> shift) & mask) as i16) << 4;
                         }
                     }
                 }
             }
             Enc::I8 => {
-                for t in 0..8 {
-                    for (c, wc) in w.iter_mut().enumerate() {
-                        for i in 0..4 {
-                            wc[4 * t + i] = base[t * 32 + 4 * c + i] as i8 as i16;
-                        }
+                for (t, wt) in w.iter_mut().enumerate() {
+                    for (v, &byte) in wt.iter_mut().zip(&base[t * 32..t * 32 + 32]) {
+                        *v = byte as i8 as i16;
                     }
                 }
             }
         }
     }
 
+    /// One row's activations of one block, each group of 4 k-values twice:
+    /// x[t] = k-values 4t..4t+4, 4t..4t+4 (8 lanes of i16), the broadcast the
+    /// x86 tiles do, matching 2 columns' bytes of the weight order above.
     #[inline(always)]
-    fn idot(w: &[i16], x: &[i8]) -> i32 {
-        w.iter().zip(x).map(|(&w, &x)| w as i32 * x as i32).sum()
+    fn spread(x: &[i8], out: &mut [[i16; 8]; 8]) {
+        for (t, o) in out.iter_mut().enumerate() {
+            for (j, v) in o.iter_mut().enumerate() {
+                *v = x[4 * t + j % 4] as i16;
+            }
+        }
     }
 
-    /// Rows at a time sharing one unpacked block.
+    /// Integer sums of the 8 columns over k-values 4t0..4t1 of one block.
+    /// On x86-64 with SSE2's pmaddwd, which every x86-64 CPU has (LLVM does
+    /// not find it on its own here and leaves the loop scalar, 40× slower
+    /// than the AVX2 tiles); exact either way.
+    #[inline(always)]
+    fn isums(w: &[[i16; 32]; 8], x: &[[i16; 8]; 8], t0: usize, t1: usize) -> [i32; LANES] {
+        // lanes[q]: the pair of k-values (2q, 2q+1) mod 4 of column q/2.
+        let mut lanes = [0i32; 16];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use core::arch::x86_64::*;
+            // SAFETY: SSE2 is part of the x86-64 baseline; every load and
+            // store is unaligned and inside its array (w[t]: 4 × 8 i16,
+            // x[t]: 8 i16, lanes: 4 × 4 i32).
+            unsafe {
+                let mut acc = [_mm_setzero_si128(); 4];
+                for (wt, xt) in w.iter().zip(x).take(t1).skip(t0) {
+                    let xv = _mm_loadu_si128(xt.as_ptr() as *const __m128i);
+                    for (v, a) in acc.iter_mut().enumerate() {
+                        let wv = _mm_loadu_si128(wt.as_ptr().add(8 * v) as *const __m128i);
+                        *a = _mm_add_epi32(*a, _mm_madd_epi16(wv, xv));
+                    }
+                }
+                for (v, a) in acc.iter().enumerate() {
+                    _mm_storeu_si128(lanes.as_mut_ptr().add(4 * v) as *mut __m128i, *a);
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        for (wt, xt) in w.iter().zip(x).take(t1).skip(t0) {
+            for (q, l) in lanes.iter_mut().enumerate() {
+                let j = 2 * q;
+                *l += wt[j] as i32 * xt[j % 8] as i32 + wt[j + 1] as i32 * xt[(j + 1) % 8] as i32;
+            }
+        }
+        let mut out = [0i32; LANES];
+        for (c, o) in out.iter_mut().enumerate() {
+            *o = lanes[2 * c] + lanes[2 * c + 1];
+        }
+        out
+    }
+
+    /// Rows and column groups per pass: the spread activations of 16 rows
+    /// and their 16 × 8 × 8 accumulators stay in L1 while each block of
+    /// weights is unpacked once for all rows.
     const ROWS: usize = 16;
+    const GROUPS: usize = 8;
 
     /// Rows [r0, r0+rows) × groups [g0, g1) into dst (row stride n_pad), the
     /// contract of the x86 tiles.
@@ -775,48 +825,63 @@ mod generic {
         dst: *mut f32,
     ) {
         let (nb, k, n, sub) = (p.nb, p.k, p.n_pad, p.sub);
-        let mut w = [[0i16; QK]; LANES];
-        for g in g0..g1 {
-            let mut r = r0;
-            while r < r0 + rows {
-                let rn = ROWS.min(r0 + rows - r);
-                let mut acc = [[0f32; LANES]; ROWS];
+        let mut w = [[0i16; 32]; 8];
+        let mut xs = [[[0i16; 8]; 8]; ROWS];
+        let mut r = r0;
+        while r < r0 + rows {
+            let rn = ROWS.min(r0 + rows - r);
+            let mut g = g0;
+            while g < g1 {
+                let gn = GROUPS.min(g1 - g);
+                let mut acc = [[[0f32; LANES]; GROUPS]; ROWS];
                 for b in 0..nb {
-                    unpack(p, g, b, &mut w);
-                    for (ri, acc) in acc.iter_mut().enumerate().take(rn) {
-                        let row = r + ri;
-                        let ab = row * nb + b;
-                        let xs = &a.q[row * k + b * QK..row * k + (b + 1) * QK];
-                        for (c, acc) in acc.iter_mut().enumerate() {
-                            // One integer sum per scale: the block, or its halves.
-                            let span = QK / sub;
+                    for (ri, x) in xs.iter_mut().enumerate().take(rn) {
+                        let at = (r + ri) * k + b * QK;
+                        spread(&a.q[at..at + QK], x);
+                    }
+                    for gi in 0..gn {
+                        unpack(p, g + gi, b, &mut w);
+                        for (ri, (acc, x)) in acc.iter_mut().zip(&xs).enumerate().take(rn) {
+                            let acc = &mut acc[gi];
+                            let ab = (r + ri) * nb + b;
+                            // One integer sum per scale: the block, or its
+                            // halves (k-values 0..16 are t 0..4).
                             for h in 0..sub {
-                                let ia = idot(&w[c][h * span..(h + 1) * span], &xs[h * span..(h + 1) * span]);
-                                let at = ((g * nb + b) * sub + h) * LANES + c;
-                                let dv = p.d[at];
-                                let sd = dv * a.d[ab];
-                                *acc = PortableFma::fma(sd, ia as f32, *acc);
+                                let ia = isums(&w, x, h * 8 / sub, (h + 1) * 8 / sub);
+                                let at = (((g + gi) * nb + b) * sub + h) * LANES;
+                                let dv = &p.d[at..at + LANES];
+                                let ad = a.d[ab];
+                                let sd: [f32; LANES] = std::array::from_fn(|c| dv[c] * ad);
+                                let fi: [f32; LANES] = ia.map(|i| i as f32);
+                                cpu::fma_acc8(&sd, &fi, acc);
                                 if p.has_m {
-                                    let mv = match p.m_of_d {
-                                        Some(cst) => dv * cst,
-                                        None => p.m[at],
-                                    };
                                     let sum = if sub == 2 { a.s2[2 * ab + h] } else { a.s[ab] };
-                                    *acc = PortableFma::fma(mv, sum, *acc);
+                                    let mv: [f32; LANES] = match p.m_of_d {
+                                        Some(cst) => std::array::from_fn(|c| dv[c] * cst),
+                                        None => std::array::from_fn(|c| p.m[at + c]),
+                                    };
+                                    cpu::fma_acc8(&mv, &[sum; LANES], acc);
                                 }
                             }
                         }
                     }
                 }
                 for (ri, acc) in acc.iter().enumerate().take(rn) {
-                    // SAFETY: (r + ri, 8g..8g+8) is inside dst and ours alone
-                    // (the caller's contract).
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(acc.as_ptr(), dst.add((r + ri) * n + g * LANES), LANES);
+                    for (gi, acc) in acc.iter().enumerate().take(gn) {
+                        // SAFETY: (r + ri, 8(g + gi)..+8) is inside dst and
+                        // ours alone (the caller's contract).
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                acc.as_ptr(),
+                                dst.add((r + ri) * n + (g + gi) * LANES),
+                                LANES,
+                            );
+                        }
                     }
                 }
-                r += rn;
+                g += gn;
             }
+            r += rn;
         }
     }
 }
