@@ -240,7 +240,10 @@ impl Node {
         let (net, events) = network::spawn(opts.key, net_cfg)?;
         let models = Arc::new(LocalModels::spawn(
             opts.backends,
-            WorkerOptions { queue: cfg.queue },
+            WorkerOptions {
+                queue: cfg.queue,
+                ..WorkerOptions::default()
+            },
         ));
         let name = cfg.display_name();
         let cloud = opts.cloud.as_ref().map(|c| c.to_string());

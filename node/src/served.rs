@@ -77,11 +77,13 @@ impl LocalModels {
         }
     }
 
-    /// This node's model cards, as advertised.
+    /// This node's model cards, as advertised: the healthy models only (a
+    /// model whose worker keeps panicking is withdrawn, see `ModelHandle::healthy`).
     pub fn cards(&self) -> Vec<ModelCard> {
         let speeds = self.tok_s.lock().map(|m| m.clone()).unwrap_or_default();
         self.handles
             .values()
+            .filter(|h| h.healthy())
             .map(|h| {
                 let i = h.info();
                 ModelCard {

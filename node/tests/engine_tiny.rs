@@ -283,7 +283,13 @@ fn prompts_beyond_the_context_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_queue_is_bounded_and_deadlines_hold() {
     let (_d, be) = load(&TinySpec::default());
-    let h = ModelHandle::spawn(Box::new(be), WorkerOptions { queue: 1 });
+    let h = ModelHandle::spawn(
+        Box::new(be),
+        WorkerOptions {
+            queue: 1,
+            ..WorkerOptions::default()
+        },
+    );
     let req = GenerateRequest::chat(vec![ChatMessage::new("user", "the cat")], 64);
     // Flood: the running job plus one queued fit; the rest are refused at once.
     let mut pending = Vec::new();
@@ -317,5 +323,107 @@ async fn worker_queue_is_bounded_and_deadlines_hold() {
         "{s:?} vs {:?}",
         g.text
     );
+    assert_eq!(h.load(), 0);
+}
+
+/// Test-only marker: a prompt holding it makes [`PanicsOnMarker`] panic.
+const PANIC_MARKER: &str = "PANIC-TEST-MARKER";
+
+/// Test double: the tiny model, except that a request whose prompt holds the
+/// marker panics halfway through generation (from the text callback, after
+/// the prompt went through the model and its prefix cache was updated).
+struct PanicsOnMarker(CandleBackend);
+
+fn has_marker(req: &GenerateRequest) -> bool {
+    match &req.prompt {
+        Prompt::Chat(m) => m.iter().any(|m| m.content.contains(PANIC_MARKER)),
+        Prompt::Raw(s) => s.contains(PANIC_MARKER),
+    }
+}
+
+impl Backend for PanicsOnMarker {
+    fn info(&self) -> &swarm_node::inference::ModelInfo {
+        self.0.info()
+    }
+    fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<swarm_node::inference::Generation, InferenceError> {
+        let marked = has_marker(req);
+        self.0.generate(req, &mut |t| {
+            if marked {
+                panic!("test-only panic on the marker prompt");
+            }
+            on_text(t)
+        })
+    }
+    fn choose(&mut self, req: &ChoiceRequest) -> Result<swarm_node::inference::ChoiceResult, InferenceError> {
+        if req.question.contains(PANIC_MARKER) {
+            panic!("test-only panic on the marker question");
+        }
+        self.0.choose(req)
+    }
+    fn score_text(&mut self, text: &str) -> Result<swarm_node::inference::TextScore, InferenceError> {
+        self.0.score_text(text)
+    }
+    fn reset(&mut self) {
+        self.0.reset()
+    }
+}
+
+/// A panic in a model fails that request only: the next request is answered
+/// (the same answer as before the panic), the load goes back to 0, and the
+/// model stays advertised until it panics `max_panics` times in the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_request_fails_alone_and_the_worker_carries_on() {
+    let (_d, be) = load(&TinySpec::default());
+    let h = ModelHandle::spawn(
+        Box::new(PanicsOnMarker(be)),
+        WorkerOptions {
+            queue: 4,
+            max_panics: 3,
+            panic_window: Duration::from_secs(600),
+        },
+    );
+    let ask = |s: &str| GenerateRequest::chat(vec![ChatMessage::new("user", s)], 8);
+    let before = h.generate(ask("the cat"), None).await.expect("first answer");
+    match h.generate(ask(&format!("the cat {PANIC_MARKER}")), None).await {
+        Err(InferenceError::Panicked(m)) => assert!(m.contains("test-only panic"), "{m}"),
+        other => panic!("expected Panicked, got {other:?}"),
+    }
+    assert_eq!(h.load(), 0, "the panicked job's load was given back");
+    assert!(h.healthy());
+    let after = h
+        .generate(ask("the cat"), None)
+        .await
+        .expect("answer after the panic");
+    assert_eq!(after.text, before.text);
+    assert_eq!(
+        after.cached_tokens, 0,
+        "the prefix cache was reset after the panic"
+    );
+    // Streaming: the stream ends and the result is the error.
+    let (mut rx, done) = h
+        .generate_stream(ask(&format!("a {PANIC_MARKER}")), None)
+        .expect("stream");
+    while rx.recv().await.is_some() {}
+    assert!(matches!(
+        done.await.expect("reply"),
+        Err(InferenceError::Panicked(_))
+    ));
+    // Option scoring goes through the same guard.
+    let q = ChoiceRequest {
+        question: format!("which? {PANIC_MARKER}"),
+        options: vec![("A".into(), "cat".into()), ("B".into(), "the".into())],
+        kind: ChoiceKind::Mcq,
+        scorer: Scorer::Letter,
+    };
+    assert!(matches!(
+        h.choose(q, None).await,
+        Err(InferenceError::Panicked(_))
+    ));
+    assert!(!h.healthy(), "three panics within the window withdraw the model");
+    assert!(h.score("the cat the cat".into()).await.is_ok());
     assert_eq!(h.load(), 0);
 }

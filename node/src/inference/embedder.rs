@@ -4,8 +4,9 @@
 //! the async runtime (`spawn_blocking`) so a node's tokio threads never stall.
 
 use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
@@ -126,10 +127,11 @@ impl Embedder {
     pub fn shared(catalog: &Catalog, home: &Path, id: &str) -> Result<Self, EmbedError> {
         static CACHE: OnceLock<Mutex<BTreeMap<PathBuf, Embedder>>> = OnceLock::new();
         let m = models::resolve(catalog, home, id).map_err(|e| EmbedError::Files(e.to_string()))?;
+        // A map of loaded models stays valid even if a holder panicked.
         let mut cache = CACHE
             .get_or_init(|| Mutex::new(BTreeMap::new()))
             .lock()
-            .map_err(|_| EmbedError::Worker("embedder cache poisoned".into()))?;
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(e) = cache.get(&m.path) {
             return Ok(e.clone());
         }
@@ -155,16 +157,13 @@ impl Embedder {
     /// Unit-norm embeddings of `texts`, in order. Blocks: call from a worker
     /// thread or through [`Embedder::embed`].
     pub fn embed_blocking(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let _gate = self
-            .core
-            .gate
-            .lock()
-            .map_err(|_| EmbedError::Worker("a previous embedding panicked".into()))?;
-        let mut out = Vec::with_capacity(texts.len());
-        for chunk in texts.chunks(BATCH) {
-            out.extend(self.core.batch(chunk)?);
-        }
-        Ok(out)
+        one_at_a_time(&self.core.gate, || {
+            let mut out = Vec::with_capacity(texts.len());
+            for chunk in texts.chunks(BATCH) {
+                out.extend(self.core.batch(chunk)?);
+            }
+            Ok(out)
+        })
     }
 
     /// [`Embedder::embed_blocking`] on tokio's blocking pool.
@@ -173,6 +172,27 @@ impl Embedder {
         tokio::task::spawn_blocking(move || me.embed_blocking(&texts))
             .await
             .map_err(|e| EmbedError::Worker(e.to_string()))?
+    }
+}
+
+/// Runs `f` holding `gate`; a panic in `f` fails this call only. The model
+/// and tokenizer are only read (`&self`), so nothing is left half-updated:
+/// the gate is taken even if an earlier panic poisoned it (it guards no
+/// data), where a poisoned gate used to fail every later embedding, and with
+/// it the safety check of every query.
+fn one_at_a_time<T>(gate: &Mutex<()>, f: impl FnOnce() -> Result<T, EmbedError>) -> Result<T, EmbedError> {
+    let _gate = gate.lock().unwrap_or_else(PoisonError::into_inner);
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(res) => res,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            tracing::error!("embedder panicked: {msg}; only this call fails");
+            Err(EmbedError::Worker(format!("embedding panicked: {msg}")))
+        }
     }
 }
 
@@ -257,6 +277,29 @@ mod tests {
         let z = l2_normalize(&mean_pool(&h, &m)?)?.to_vec2::<f32>()?;
         assert!(z[0].iter().all(|v| v.is_finite()), "{z:?}");
         Ok(())
+    }
+
+    /// A panicking embedding fails that call only; the next one runs, also
+    /// after the gate was poisoned by a panic outside `one_at_a_time`.
+    #[test]
+    fn a_panic_fails_one_embedding_and_the_next_runs() {
+        let gate = Mutex::new(());
+        let r: Result<(), EmbedError> = one_at_a_time(&gate, || panic!("test-only panic"));
+        match r {
+            Err(EmbedError::Worker(m)) => assert!(m.contains("test-only panic"), "{m}"),
+            other => panic!("expected a worker error, got {other:?}"),
+        }
+        assert!(!gate.is_poisoned());
+        assert_eq!(one_at_a_time(&gate, || Ok(7)).ok(), Some(7));
+        let _ = std::thread::scope(|s| {
+            s.spawn(|| {
+                let _held = gate.lock();
+                panic!("test-only panic while holding the gate");
+            })
+            .join()
+        });
+        assert!(gate.is_poisoned());
+        assert_eq!(one_at_a_time(&gate, || Ok(8)).ok(), Some(8));
     }
 
     #[test]

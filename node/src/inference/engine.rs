@@ -488,6 +488,12 @@ impl Backend for CandleBackend {
             mean_nll,
         })
     }
+
+    /// The prefix cache is the only per-request state (weights never
+    /// change); a request that panicked may have left it half-updated.
+    fn reset(&mut self) {
+        self.forget_prefix();
+    }
 }
 
 /// Byte offset where the first stop string starts, if any.

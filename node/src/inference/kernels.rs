@@ -1,20 +1,20 @@
 //! Quantized matmul for the 32-value GGUF block formats (Q4_0, Q4_1, Q5_0,
-//! Q5_1, Q8_0), which candle 0.11 runs through scalar (Q4_1, Q5_x) or
-//! one-pair-at-a-time (Q8_0) dot products on x86. Weights are repacked at load
+//! Q5_1, Q8_0) and the K-quants Q4_K and Q6_K. Weights are repacked at load
 //! so one 256-bit register holds 4 consecutive k-values of 8 output columns;
 //! activations are quantized to int8 once per call and broadcast 4 bytes at a
 //! time, so the register lanes are output columns and a block's scales are
 //! applied once per 8 columns instead of once per dot product. AVX2 (maddubs)
-//! and AVX512-VNNI (vpdpbusd on ymm) variants; anything else (K-quants, other
-//! CPUs) goes through candle's `QMatMul`.
-
-// Without x86 kernels the packing code is unused: `isa()` is always None.
-#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+//! and AVX512-VNNI (vpdpbusd on ymm) variants, chosen at run time, and a
+//! portable variant of the same arithmetic for CPUs without AVX2 (same
+//! bits, see `cpu`); other formats go through candle's `QMatMul`, and so does
+//! everything on non-x86 CPUs unless `SLM_SWARM_KERNELS=generic`.
 
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
+
+use super::cpu;
 
 /// Values per quantization block of the formats handled here.
 const QK: usize = 32;
@@ -67,9 +67,23 @@ struct Packed {
     has_m: bool,
 }
 
-/// f16 bits to f32, for reading block scales.
+/// f16 bits to f32, for reading block scales: exact, in plain integer and
+/// float arithmetic. (`half` uses the F16C instruction only when compiled
+/// for it; in a portable build it checks the CPU on every call, which made
+/// repacking a model a quarter slower.)
 fn f16_to_f32(h: u16) -> f32 {
-    half::f16::from_bits(h).to_f32()
+    let sign = ((h & 0x8000) as u32) << 16;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let mant = (h & 0x03ff) as u32;
+    let magnitude = match exp {
+        // Zero and subnormals: mant·2^-24, exact in f32.
+        0 => (mant as f32 * f32::from_bits(0x3380_0000)).to_bits(),
+        // Infinities and NaNs (payload kept).
+        31 => 0x7f80_0000 | (mant << 13),
+        // Normals: rebias the exponent (15 → 127).
+        _ => ((exp + 112) << 23) | (mant << 13),
+    };
+    f32::from_bits(sign | magnitude)
 }
 
 fn rd16(b: &[u8], at: usize) -> f32 {
@@ -653,24 +667,252 @@ mod x86 {
     }
 }
 
+/// The same quantization and tiles in portable Rust, for CPUs without AVX2
+/// (and as the reference the SIMD variants are tested against). Every step
+/// matches the x86 code: the same int8 rounding (ties to even), exact integer
+/// sums, and the same float epilogue with a fused multiply-add that is exact
+/// without an FMA unit (`cpu::fma_exact`), so the results are the same bits.
+mod generic {
+    use super::{ActQ, Enc, Packed, LANES, QK};
+    use crate::inference::cpu;
+
+    pub(super) fn quantize(x: &[f32], rows: usize, k: usize) -> ActQ {
+        let nb = k / QK;
+        let mut out = ActQ {
+            q: vec![0i8; rows * k],
+            d: vec![0f32; rows * nb],
+            s: vec![0f32; rows * nb],
+            s2: vec![0f32; rows * nb * 2],
+        };
+        for (blk, (xs, qs)) in x
+            .chunks_exact(QK)
+            .zip(out.q.chunks_exact_mut(QK))
+            .take(rows * nb)
+            .enumerate()
+        {
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            let mut sums = [0i32; 2];
+            for (i, (&x, q)) in xs.iter().zip(qs.iter_mut()).enumerate() {
+                // cvtps_epi32 of the rounded value, then saturating packs.
+                let v = (x * id).round_ties_even() as i32;
+                sums[i / 16] += v;
+                *q = v.clamp(-128, 127) as i8;
+            }
+            out.d[blk] = d;
+            out.s[blk] = d * (sums[0] + sums[1]) as f32;
+            out.s2[2 * blk] = d * sums[0] as f32;
+            out.s2[2 * blk + 1] = d * sums[1] as f32;
+        }
+        out
+    }
+
+    /// One block's weights for the 8 columns of group g in the register
+    /// order of the packed layout: w[t][4c + i] is k-value 4t + i of column
+    /// c, so every step is a loop over 32 contiguous bytes (vectorises).
+    #[inline(always)]
+    fn unpack(p: &Packed, g: usize, b: usize, w: &mut [[i16; 32]; 8]) {
+        let eb = p.enc.bytes();
+        let at = (g * p.nb + b) * eb;
+        let base = &p.qs[at..at + eb];
+        match p.enc {
+            Enc::Nib { hb } => {
+                for h in 0..4 {
+                    let bytes = &base[h * 32..h * 32 + 32];
+                    let (lo, hi) = w.split_at_mut(2 * h + 1);
+                    for ((l, hh), &byte) in lo[2 * h].iter_mut().zip(hi[0].iter_mut()).zip(bytes) {
+                        *l = (byte & 0x0f) as i16;
+                        *hh = (byte >> 4) as i16;
+                    }
+                }
+                // hb = 0: no bit planes. Else the high bits of t sit at bit
+                // hb·t of plane 0 (hb = 1), or at 2(t%4) of plane t/4 (hb = 2).
+                if let Some(per_plane) = 8usize.checked_div(hb) {
+                    let mask = (1u8 << hb) - 1;
+                    for (t, wt) in w.iter_mut().enumerate() {
+                        let plane = &base[128 + t / per_plane * 32..128 + t / per_plane * 32 + 32];
+                        let shift = hb * (t % per_plane);
+                        for (v, &pl) in wt.iter_mut().zip(plane) {
+                            *v |= (((pl >> shift) & mask) as i16) << 4;
+                        }
+                    }
+                }
+            }
+            Enc::I8 => {
+                for (t, wt) in w.iter_mut().enumerate() {
+                    for (v, &byte) in wt.iter_mut().zip(&base[t * 32..t * 32 + 32]) {
+                        *v = byte as i8 as i16;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One row's activations of one block, each group of 4 k-values twice:
+    /// x[t] = k-values 4t..4t+4, 4t..4t+4 (8 lanes of i16), the broadcast the
+    /// x86 tiles do, matching 2 columns' bytes of the weight order above.
+    #[inline(always)]
+    fn spread(x: &[i8], out: &mut [[i16; 8]; 8]) {
+        for (t, o) in out.iter_mut().enumerate() {
+            for (j, v) in o.iter_mut().enumerate() {
+                *v = x[4 * t + j % 4] as i16;
+            }
+        }
+    }
+
+    /// Integer sums of the 8 columns over k-values 4t0..4t1 of one block.
+    /// On x86-64 with SSE2's pmaddwd, which every x86-64 CPU has (LLVM does
+    /// not find it on its own here and leaves the loop scalar, 40× slower
+    /// than the AVX2 tiles); exact either way.
+    #[inline(always)]
+    fn isums(w: &[[i16; 32]; 8], x: &[[i16; 8]; 8], t0: usize, t1: usize) -> [i32; LANES] {
+        // lanes[q]: the pair of k-values (2q, 2q+1) mod 4 of column q/2.
+        let mut lanes = [0i32; 16];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use core::arch::x86_64::*;
+            // SAFETY: SSE2 is part of the x86-64 baseline; every load and
+            // store is unaligned and inside its array (w[t]: 4 × 8 i16,
+            // x[t]: 8 i16, lanes: 4 × 4 i32).
+            unsafe {
+                let mut acc = [_mm_setzero_si128(); 4];
+                for (wt, xt) in w.iter().zip(x).take(t1).skip(t0) {
+                    let xv = _mm_loadu_si128(xt.as_ptr() as *const __m128i);
+                    for (v, a) in acc.iter_mut().enumerate() {
+                        let wv = _mm_loadu_si128(wt.as_ptr().add(8 * v) as *const __m128i);
+                        *a = _mm_add_epi32(*a, _mm_madd_epi16(wv, xv));
+                    }
+                }
+                for (v, a) in acc.iter().enumerate() {
+                    _mm_storeu_si128(lanes.as_mut_ptr().add(4 * v) as *mut __m128i, *a);
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        for (wt, xt) in w.iter().zip(x).take(t1).skip(t0) {
+            for (q, l) in lanes.iter_mut().enumerate() {
+                let j = 2 * q;
+                *l += wt[j] as i32 * xt[j % 8] as i32 + wt[j + 1] as i32 * xt[(j + 1) % 8] as i32;
+            }
+        }
+        let mut out = [0i32; LANES];
+        for (c, o) in out.iter_mut().enumerate() {
+            *o = lanes[2 * c] + lanes[2 * c + 1];
+        }
+        out
+    }
+
+    /// Rows and column groups per pass: the spread activations of 16 rows
+    /// and their 16 × 8 × 8 accumulators stay in L1 while each block of
+    /// weights is unpacked once for all rows.
+    const ROWS: usize = 16;
+    const GROUPS: usize = 8;
+
+    /// Rows [r0, r0+rows) × groups [g0, g1) into dst (row stride n_pad), the
+    /// contract of the x86 tiles.
+    ///
+    /// # Safety
+    /// r0+rows ≤ the activation rows, g1 ≤ n_pad/8, dst holds (r0+rows)·n_pad
+    /// floats and no other thread writes the same elements.
+    pub(super) unsafe fn tiles(
+        p: &Packed,
+        a: &ActQ,
+        r0: usize,
+        rows: usize,
+        g0: usize,
+        g1: usize,
+        dst: *mut f32,
+    ) {
+        let (nb, k, n, sub) = (p.nb, p.k, p.n_pad, p.sub);
+        let mut w = [[0i16; 32]; 8];
+        let mut xs = [[[0i16; 8]; 8]; ROWS];
+        let mut r = r0;
+        while r < r0 + rows {
+            let rn = ROWS.min(r0 + rows - r);
+            let mut g = g0;
+            while g < g1 {
+                let gn = GROUPS.min(g1 - g);
+                let mut acc = [[[0f32; LANES]; GROUPS]; ROWS];
+                for b in 0..nb {
+                    for (ri, x) in xs.iter_mut().enumerate().take(rn) {
+                        let at = (r + ri) * k + b * QK;
+                        spread(&a.q[at..at + QK], x);
+                    }
+                    for gi in 0..gn {
+                        unpack(p, g + gi, b, &mut w);
+                        for (ri, (acc, x)) in acc.iter_mut().zip(&xs).enumerate().take(rn) {
+                            let acc = &mut acc[gi];
+                            let ab = (r + ri) * nb + b;
+                            // One integer sum per scale: the block, or its
+                            // halves (k-values 0..16 are t 0..4).
+                            for h in 0..sub {
+                                let ia = isums(&w, x, h * 8 / sub, (h + 1) * 8 / sub);
+                                let at = (((g + gi) * nb + b) * sub + h) * LANES;
+                                let dv = &p.d[at..at + LANES];
+                                let ad = a.d[ab];
+                                let sd: [f32; LANES] = std::array::from_fn(|c| dv[c] * ad);
+                                let fi: [f32; LANES] = ia.map(|i| i as f32);
+                                cpu::fma_acc8(&sd, &fi, acc);
+                                if p.has_m {
+                                    let sum = if sub == 2 { a.s2[2 * ab + h] } else { a.s[ab] };
+                                    let mv: [f32; LANES] = match p.m_of_d {
+                                        Some(cst) => std::array::from_fn(|c| dv[c] * cst),
+                                        None => std::array::from_fn(|c| p.m[at + c]),
+                                    };
+                                    cpu::fma_acc8(&mv, &[sum; LANES], acc);
+                                }
+                            }
+                        }
+                    }
+                }
+                for (ri, acc) in acc.iter().enumerate().take(rn) {
+                    for (gi, acc) in acc.iter().enumerate().take(gn) {
+                        // SAFETY: (r + ri, 8(g + gi)..+8) is inside dst and
+                        // ours alone (the caller's contract).
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                acc.as_ptr(),
+                                dst.add((r + ri) * n + (g + gi) * LANES),
+                                LANES,
+                            );
+                        }
+                    }
+                }
+                g += gn;
+            }
+            r += rn;
+        }
+    }
+}
+
 /// Which kernel variant runs (fixed per process).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
+    /// Portable Rust, the same bits as the others (CPUs without AVX2).
+    Generic,
     Avx2,
     Vnni,
 }
 
 /// The best kernel variant this CPU runs, or None (use candle's kernels).
-/// `SLM_SWARM_KERNELS=avx2` forces the AVX2 variant, `=candle` disables ours.
+/// `SLM_SWARM_KERNELS=avx2` forces the AVX2 variant, `=generic` the portable
+/// one (also on non-x86 CPUs, which otherwise use candle's), `=candle`
+/// disables ours.
 pub fn isa() -> Option<Isa> {
     use std::sync::OnceLock;
     static ISA: OnceLock<Option<Isa>> = OnceLock::new();
     *ISA.get_or_init(|| {
+        let force = cpu::forced();
+        match force {
+            "candle" => return None,
+            "generic" => return Some(Isa::Generic),
+            _ => {}
+        }
         #[cfg(target_arch = "x86_64")]
         {
-            let force = std::env::var("SLM_SWARM_KERNELS").unwrap_or_default();
-            if force == "candle" || !x86::supported() {
-                return None;
+            if !x86::supported() {
+                return Some(Isa::Generic);
             }
             if force != "avx2" && x86::has_vnni() {
                 return Some(Isa::Vnni);
@@ -684,6 +926,22 @@ pub fn isa() -> Option<Isa> {
     })
 }
 
+/// Every variant this CPU can run, the portable one first (for tests).
+#[cfg(test)]
+fn isas() -> Vec<Isa> {
+    let mut v = vec![Isa::Generic];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if x86::supported() {
+            v.push(Isa::Avx2);
+        }
+        if x86::supported() && x86::has_vnni() {
+            v.push(Isa::Vnni);
+        }
+    }
+    v
+}
+
 /// (m × k) · packedᵀ → (m × n), on candle's thread pool.
 fn packed_matmul(p: &Packed, x: &[f32], m: usize, isa: Isa, dst: &mut [f32]) {
     packed_matmul_many(&mut [(p, dst)], x, m, isa);
@@ -694,123 +952,120 @@ fn packed_matmul(p: &Packed, x: &[f32], m: usize, isa: Isa, dst: &mut [f32]) {
 /// one per matrix (q/k/v and gate/up of a layer; most of a decode step's
 /// barriers were on the small k/v projections).
 fn packed_matmul_many(jobs: &mut [(&Packed, &mut [f32])], x: &[f32], m: usize, isa: Isa) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let Some(k) = jobs.first().map(|(p, _)| p.k) else {
-            return;
-        };
-        assert_eq!(x.len(), m * k, "lhs size");
-        for (p, dst) in jobs.iter() {
-            assert_eq!(p.k, k, "fused matmuls share their input");
-            assert_eq!(dst.len(), m * p.n, "dst size");
-        }
-        if m == 0 {
-            return;
-        }
-        // The tiles write whole groups of 8 columns; a ragged n goes through
-        // scratch rows of n_pad and is compacted afterwards.
-        let mut scratch: Vec<Vec<f32>> = jobs
-            .iter()
-            .map(|(p, _)| {
-                if p.n_pad == p.n {
-                    Vec::new()
-                } else {
-                    vec![0f32; m * p.n_pad]
-                }
-            })
-            .collect();
-        let outs: Vec<SharedOut> = jobs
-            .iter_mut()
-            .zip(scratch.iter_mut())
-            .map(|((p, dst), s)| {
-                SharedOut(if p.n_pad == p.n {
-                    dst.as_mut_ptr()
-                } else {
-                    s.as_mut_ptr()
-                })
-            })
-            .collect();
-        let a = x86::quantize(x, m, k);
-        // Work items: (matrix, row panel, column chunk). Panels of 16 rows keep
-        // the quantized rows in L1 while a chunk of weights streams past them.
-        const PANEL: usize = 16;
-        let chunk = if m == 1 { 4 } else { 8 };
-        let panels = m.div_ceil(PANEL);
-        // First item of each matrix, and the total.
-        let mut first = Vec::with_capacity(jobs.len() + 1);
-        first.push(0);
-        for (p, _) in jobs.iter() {
-            let n_chunks = (p.n_pad / LANES).div_ceil(chunk);
-            first.push(first[first.len() - 1] + panels * n_chunks);
-        }
-        let items = first[jobs.len()];
-        let packs: Vec<&Packed> = jobs.iter().map(|(p, _)| *p).collect();
-        let run = |item: usize| {
-            let j = first.partition_point(|&f| f <= item) - 1;
-            let p = packs[j];
-            let groups = p.n_pad / LANES;
-            let n_chunks = groups.div_ceil(chunk);
-            let local = item - first[j];
-            let (pi, ci) = (local / n_chunks, local % n_chunks);
-            let r0 = pi * PANEL;
-            let rows = PANEL.min(m - r0);
-            let g0 = ci * chunk;
-            let g1 = groups.min(g0 + chunk);
-            let ptr = outs[j].get();
-            // SAFETY: items cover disjoint (matrix, row, column-group) ranges of
-            // the outputs, each holding m·n_pad floats and outliving the pool
-            // call; the ISA was detected at runtime (`isa()`), and `Isa::Vnni`
-            // only when every feature tiles_vnni enables is present.
-            unsafe {
-                // One instantiation per (scales per block, high-bit planes), so
-                // each format's inner loop has no per-step branches. Only
-                // Q6_K has two scales per block, and it has two bit planes.
-                match (isa, p.sub, p.enc) {
-                    (Isa::Vnni, 2, _) => x86::tiles_vnni::<2, 2>(p, &a, r0, rows, g0, g1, ptr),
-                    (Isa::Vnni, _, Enc::Nib { hb: 1 }) => {
-                        x86::tiles_vnni::<1, 1>(p, &a, r0, rows, g0, g1, ptr)
-                    }
-                    (Isa::Vnni, _, _) => x86::tiles_vnni::<1, 0>(p, &a, r0, rows, g0, g1, ptr),
-                    (Isa::Avx2, 2, _) => x86::tiles_avx2::<2, 2>(p, &a, r0, rows, g0, g1, ptr),
-                    (Isa::Avx2, _, Enc::Nib { hb: 1 }) => {
-                        x86::tiles_avx2::<1, 1>(p, &a, r0, rows, g0, g1, ptr)
-                    }
-                    (Isa::Avx2, _, _) => x86::tiles_avx2::<1, 0>(p, &a, r0, rows, g0, g1, ptr),
-                }
-            }
-        };
-        candle_core::utils::barrier_pool().execute_chunked(items, |range| {
-            for item in range {
-                run(item)
-            }
-        });
-        for ((p, dst), s) in jobs.iter_mut().zip(&scratch) {
-            if p.n_pad != p.n {
-                for (d, s) in dst.chunks_exact_mut(p.n).zip(s.chunks_exact(p.n_pad)) {
-                    d.copy_from_slice(&s[..p.n]);
-                }
-            }
-        }
+    let Some(k) = jobs.first().map(|(p, _)| p.k) else {
+        return;
+    };
+    assert_eq!(x.len(), m * k, "lhs size");
+    for (p, dst) in jobs.iter() {
+        assert_eq!(p.k, k, "fused matmuls share their input");
+        assert_eq!(dst.len(), m * p.n, "dst size");
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (jobs, x, m, isa);
-        unreachable!("packed kernels are x86-only; isa() is None elsewhere");
+    if m == 0 {
+        return;
+    }
+    // The tiles write whole groups of 8 columns; a ragged n goes through
+    // scratch rows of n_pad and is compacted afterwards.
+    let mut scratch: Vec<Vec<f32>> = jobs
+        .iter()
+        .map(|(p, _)| {
+            if p.n_pad == p.n {
+                Vec::new()
+            } else {
+                vec![0f32; m * p.n_pad]
+            }
+        })
+        .collect();
+    let outs: Vec<SharedOut> = jobs
+        .iter_mut()
+        .zip(scratch.iter_mut())
+        .map(|((p, dst), s)| {
+            SharedOut(if p.n_pad == p.n {
+                dst.as_mut_ptr()
+            } else {
+                s.as_mut_ptr()
+            })
+        })
+        .collect();
+    let a = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Vnni => x86::quantize(x, m, k),
+        _ => generic::quantize(x, m, k),
+    };
+    // Work items: (matrix, row panel, column chunk). Panels of 16 rows keep
+    // the quantized rows in L1 while a chunk of weights streams past them.
+    const PANEL: usize = 16;
+    let chunk = if m == 1 { 4 } else { 8 };
+    let panels = m.div_ceil(PANEL);
+    // First item of each matrix, and the total.
+    let mut first = Vec::with_capacity(jobs.len() + 1);
+    first.push(0);
+    for (p, _) in jobs.iter() {
+        let n_chunks = (p.n_pad / LANES).div_ceil(chunk);
+        first.push(first[first.len() - 1] + panels * n_chunks);
+    }
+    let items = first[jobs.len()];
+    let packs: Vec<&Packed> = jobs.iter().map(|(p, _)| *p).collect();
+    let run = |item: usize| {
+        let j = first.partition_point(|&f| f <= item) - 1;
+        let p = packs[j];
+        let groups = p.n_pad / LANES;
+        let n_chunks = groups.div_ceil(chunk);
+        let local = item - first[j];
+        let (pi, ci) = (local / n_chunks, local % n_chunks);
+        let r0 = pi * PANEL;
+        let rows = PANEL.min(m - r0);
+        let g0 = ci * chunk;
+        let g1 = groups.min(g0 + chunk);
+        let ptr = outs[j].get();
+        // SAFETY: items cover disjoint (matrix, row, column-group) ranges of
+        // the outputs, each holding m·n_pad floats and outliving the pool
+        // call; a SIMD ISA is only chosen when detected at runtime (`isa()`,
+        // `isas()`), and `Isa::Vnni` only when every feature tiles_vnni
+        // enables is present.
+        unsafe {
+            // One instantiation per (scales per block, high-bit planes), so
+            // each format's inner loop has no per-step branches. Only
+            // Q6_K has two scales per block, and it has two bit planes.
+            match (isa, p.sub, p.enc) {
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Vnni, 2, _) => x86::tiles_vnni::<2, 2>(p, &a, r0, rows, g0, g1, ptr),
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Vnni, _, Enc::Nib { hb: 1 }) => x86::tiles_vnni::<1, 1>(p, &a, r0, rows, g0, g1, ptr),
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Vnni, _, _) => x86::tiles_vnni::<1, 0>(p, &a, r0, rows, g0, g1, ptr),
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx2, 2, _) => x86::tiles_avx2::<2, 2>(p, &a, r0, rows, g0, g1, ptr),
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx2, _, Enc::Nib { hb: 1 }) => x86::tiles_avx2::<1, 1>(p, &a, r0, rows, g0, g1, ptr),
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx2, _, _) => x86::tiles_avx2::<1, 0>(p, &a, r0, rows, g0, g1, ptr),
+                _ => generic::tiles(p, &a, r0, rows, g0, g1, ptr),
+            }
+        }
+    };
+    cpu::par_chunked(items, |range| {
+        for item in range {
+            run(item)
+        }
+    });
+    for ((p, dst), s) in jobs.iter_mut().zip(&scratch) {
+        if p.n_pad != p.n {
+            for (d, s) in dst.chunks_exact_mut(p.n).zip(s.chunks_exact(p.n_pad)) {
+                d.copy_from_slice(&s[..p.n]);
+            }
+        }
     }
 }
 
 /// The output pointer handed to the pool's threads; each writes a disjoint
 /// part of the buffer (see `packed_matmul`).
-#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
 
 // SAFETY: the pointer is only dereferenced for disjoint ranges while the
 // buffer it points into is borrowed mutably by `packed_matmul`.
-#[cfg(target_arch = "x86_64")]
 unsafe impl Sync for SharedOut {}
 
-#[cfg(target_arch = "x86_64")]
 impl SharedOut {
     /// A method rather than field access so closures capture the Sync
     /// wrapper, not the raw pointer field (edition 2021 disjoint captures).
@@ -1024,14 +1279,6 @@ mod tests {
         GgmlDType::Q8_0,
     ];
 
-    fn isas() -> Vec<Isa> {
-        match isa() {
-            Some(Isa::Vnni) => vec![Isa::Avx2, Isa::Vnni],
-            Some(Isa::Avx2) => vec![Isa::Avx2],
-            None => vec![],
-        }
-    }
-
     #[test]
     fn packed_matches_candle_for_every_format_and_shape() {
         for isa in isas() {
@@ -1083,17 +1330,16 @@ mod tests {
         }
     }
 
-    /// The integer sums are exact on both variants and the float epilogue is
-    /// the same code, so a model gives the same outputs on every x86 CPU we
-    /// run on (AVX2 or VNNI), bit for bit, not merely close: a rounding
-    /// difference in one activation flips later int8 roundings and can move a
-    /// near-tie answer (docs/performance.md).
+    /// The integer sums are exact on every variant and the float epilogue is
+    /// the same arithmetic (the portable one emulates the FMA exactly), so a
+    /// model gives the same outputs on every x86 CPU we run on (no AVX2,
+    /// AVX2 or VNNI), bit for bit, not merely close: a rounding difference in
+    /// one activation flips later int8 roundings and can move a near-tie
+    /// answer (docs/performance.md). On a CPU without AVX2 only the portable
+    /// variant runs; it is still checked against candle above.
     #[test]
     fn every_isa_gives_the_same_bits() {
         let isas = isas();
-        if isas.len() < 2 {
-            return; // this CPU runs one variant only
-        }
         let dev = Device::Cpu;
         for dtype in BLOCK_FORMATS.into_iter().chain([GgmlDType::Q4K, GgmlDType::Q6K]) {
             for (m, k, n) in [(1, 512, 72), (6, 768, 40), (17, 256, 13)] {
@@ -1109,7 +1355,10 @@ mod tests {
                         out
                     })
                     .collect();
-                assert!(outs.iter().all(|o| o == &outs[0]), "{dtype:?} m={m} k={k} n={n}");
+                for (isa, o) in isas.iter().zip(&outs) {
+                    let same = o.iter().zip(&outs[0]).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{dtype:?} m={m} k={k} n={n}: {isa:?} differs from Generic");
+                }
             }
         }
     }
@@ -1199,6 +1448,32 @@ mod tests {
         );
         let k = Arc::new(QTensor::quantize(&w, GgmlDType::Q5K).expect("q5k"));
         assert!(!QLinear::new(k).expect("lin").is_packed());
+    }
+
+    /// CI also runs these tests under `qemu-x86_64 -cpu Westmere` (no AVX)
+    /// with `SLM_SWARM_EXPECT_ISA=generic`: this makes sure the emulated CPU
+    /// really hid AVX2, so that run tested the portable code.
+    #[test]
+    fn the_detected_variant_is_the_expected_one() {
+        let want = match std::env::var("SLM_SWARM_EXPECT_ISA").as_deref() {
+            Ok("generic") => (Some(Isa::Generic), cpu::Level::Generic),
+            Ok("avx2") => (Some(Isa::Avx2), cpu::Level::Avx2),
+            Ok("vnni") => (Some(Isa::Vnni), cpu::Level::Avx2),
+            _ => return,
+        };
+        assert_eq!((isa(), cpu::level()), want);
+        assert_eq!(isas().last().copied(), want.0);
+    }
+
+    #[test]
+    fn f16_conversion_equals_half_for_every_value() {
+        for h in 0..=u16::MAX {
+            let (got, want) = (f16_to_f32(h), half::f16::from_bits(h).to_f32());
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{h:#06x}: {got} vs {want}"
+            );
+        }
     }
 
     #[test]

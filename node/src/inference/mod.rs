@@ -1,6 +1,7 @@
 //! Inference: the `Backend` trait every model runtime implements, the request and
 //! result types with their confidence signals, and the candle GGUF backend.
 
+pub mod cpu;
 pub mod embedder;
 pub mod engine;
 pub mod gguf;
@@ -50,6 +51,9 @@ pub enum InferenceError {
     Cancelled,
     #[error("model worker stopped")]
     WorkerGone,
+    /// The model panicked on this request (a bug); the worker carries on.
+    #[error("the model failed on this request (internal error: {0})")]
+    Panicked(String),
     #[error("compute: {0}")]
     Compute(String),
 }
@@ -250,6 +254,10 @@ pub trait Backend: Send {
 
     /// NLL of a raw text.
     fn score_text(&mut self, text: &str) -> Result<TextScore, InferenceError>;
+
+    /// Drop per-request state (caches) after a request panicked halfway, so
+    /// the next one starts clean; the worker calls it and carries on.
+    fn reset(&mut self) {}
 }
 
 /// Summary of per-token log-probs: (mean_logprob, min_prob, confidence).
