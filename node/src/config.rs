@@ -60,6 +60,11 @@ pub struct NodeConfig {
     pub missed_adverts: u32,
     /// Requests that may wait per model before new ones are refused (HTTP 429).
     pub queue: usize,
+    /// Peers' requests (votes, forwarded queries) that may wait per model,
+    /// in a lane of their own behind this node's users.
+    pub remote_queue: usize,
+    /// One peer's requests queued or running per model; more get `Overloaded`.
+    pub remote_per_peer: usize,
     /// Largest accepted HTTP request body, bytes (413 beyond).
     pub max_body_bytes: usize,
     /// Default and upper bound of `max_tokens`.
@@ -218,6 +223,8 @@ impl Default for NodeConfig {
             advert_interval_ms: 1000,
             missed_adverts: 3,
             queue: 16,
+            remote_queue: 8,
+            remote_per_peer: 2,
             max_body_bytes: 256 * 1024,
             default_max_tokens: 128,
             max_tokens_limit: 2048,
@@ -358,6 +365,9 @@ impl NodeConfig {
         }
         if self.queue == 0 {
             return bad("queue must be at least 1".into());
+        }
+        if self.remote_per_peer == 0 && self.remote_queue > 0 {
+            return bad("remote_per_peer must be at least 1 when remote_queue is not 0 (remote_queue = 0 serves no peer)".into());
         }
         if self.default_max_tokens == 0 || self.default_max_tokens > self.max_tokens_limit {
             return bad("default_max_tokens must be in 1..=max_tokens_limit".into());

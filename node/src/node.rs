@@ -242,6 +242,8 @@ impl Node {
             opts.backends,
             WorkerOptions {
                 queue: cfg.queue,
+                remote_queue: cfg.remote_queue,
+                per_peer: cfg.remote_per_peer,
                 ..WorkerOptions::default()
             },
         ));

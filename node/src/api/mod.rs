@@ -99,6 +99,35 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Connections the kernel may hold for the HTTP server before it accepts
+/// them. The default of std, mio and tokio (128) overflows in an office
+/// burst: the dropped SYNs are retried a second later, so a burst that the
+/// node refuses within milliseconds would see one-second stalls.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Listen for HTTP on `addr` (host:port, names resolved) with [`LISTEN_BACKLOG`].
+pub async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let sock = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        sock.set_reuseaddr(true)?;
+        match sock.bind(a).and_then(|()| sock.listen(LISTEN_BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr} names no address"),
+        )
+    }))
+}
+
 /// The HTTP API of `node`, behind its `[api]` checks (host, key, concurrency cap).
 pub fn router(node: Node) -> Router {
     let limit = node.cfg.max_body_bytes;

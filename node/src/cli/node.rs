@@ -254,7 +254,7 @@ pub(super) fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let http = cfg.http.clone();
-        let listener = tokio::net::TcpListener::bind(&http)
+        let listener = swarm_node::api::bind(&http)
             .await
             .with_context(|| format!("cannot listen for HTTP on {http}"))?;
         let local_http = listener.local_addr()?;

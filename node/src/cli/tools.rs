@@ -169,7 +169,7 @@ pub(super) fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let backends = load_backends(&a.serving.common, &cfg.models)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&cfg.http)
+        let listener = swarm_node::api::bind(&cfg.http)
             .await
             .with_context(|| format!("cannot listen for HTTP on {}", cfg.http))?;
         let local = listener.local_addr()?;

@@ -1,6 +1,12 @@
 //! A worker thread owns each loaded model (forward passes need `&mut` state);
-//! async callers reach it through a cloneable [`ModelHandle`] and a bounded
-//! queue. A full queue answers `Overloaded` at once instead of growing.
+//! async callers reach it through a cloneable [`ModelHandle`] and bounded
+//! queues. A full queue answers `Overloaded` at once instead of growing.
+//!
+//! Two lanes feed the worker: this node's own users (local) and peers
+//! (remote: votes, forwarded queries). The worker always takes a local job
+//! first; remote jobs may hold at most `remote_queue` waiting places and each
+//! peer at most `per_peer` jobs queued or running, so peers cannot starve
+//! the device's own users nor one peer crowd out the others.
 //!
 //! The worker is supervised: a job that panics fails that request only
 //! (`InferenceError::Panicked`), the model's per-request state is reset and
@@ -11,11 +17,10 @@
 //! is a guard, so it is given back however the job ends (answered, panicked,
 //! cancelled, or dropped unrun with the queue).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -26,8 +31,12 @@ use super::{
 
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
-    /// Requests that may wait behind the running one.
+    /// Local requests that may wait behind the running one.
     pub queue: usize,
+    /// Peers' requests that may wait, all peers together.
+    pub remote_queue: usize,
+    /// Requests of one peer queued or running at once.
+    pub per_peer: usize,
     /// Panics within `panic_window` after which the model is withdrawn.
     pub max_panics: usize,
     /// How far back panics count; a withdrawn model comes back once fewer
@@ -40,6 +49,8 @@ impl Default for WorkerOptions {
     fn default() -> Self {
         Self {
             queue: 16,
+            remote_queue: 8,
+            per_peer: 2,
             max_panics: 3,
             panic_window: Duration::from_secs(300),
         }
@@ -94,6 +105,174 @@ impl Drop for LoadGuard {
 struct Queued {
     job: Job,
     load: LoadGuard,
+    /// For a peer's job: its place in that peer's quota.
+    _peer: Option<PeerGuard>,
+}
+
+/// Whose request a handle submits: this node's users, or a peer's.
+#[derive(Clone, Debug)]
+enum Lane {
+    Local,
+    Remote(Arc<str>),
+}
+
+#[derive(Default)]
+struct LaneState {
+    local: VecDeque<Queued>,
+    remote: VecDeque<Queued>,
+    /// No job is taken any more: every handle is gone, or the worker is.
+    closed: bool,
+}
+
+/// The worker's two queues and the per-peer quota.
+struct Lanes {
+    state: Mutex<LaneState>,
+    ready: Condvar,
+    local_cap: usize,
+    remote_cap: usize,
+    per_peer: usize,
+    /// Jobs queued or running per peer. A separate lock: a `PeerGuard` is
+    /// dropped wherever its job ends, possibly while `state` is held.
+    peers: Mutex<HashMap<Arc<str>, usize>>,
+}
+
+impl Lanes {
+    fn new(opts: &WorkerOptions) -> Self {
+        Self {
+            state: Mutex::new(LaneState::default()),
+            ready: Condvar::new(),
+            local_cap: opts.queue.max(1),
+            remote_cap: opts.remote_queue,
+            per_peer: opts.per_peer,
+            peers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LaneState> {
+        // Nothing that can panic runs under this lock; recover regardless.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn peer_counts(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, usize>> {
+        self.peers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queue a job, or give it back with the reason it was refused.
+    fn push(self: &Arc<Self>, lane: &Lane, job: Job, load: LoadGuard) -> Result<(), InferenceError> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(InferenceError::WorkerGone);
+        }
+        match lane {
+            Lane::Local => {
+                if st.local.len() >= self.local_cap {
+                    return Err(InferenceError::Overloaded);
+                }
+                st.local.push_back(Queued {
+                    job,
+                    load,
+                    _peer: None,
+                });
+            }
+            Lane::Remote(peer) => {
+                if st.remote.len() >= self.remote_cap {
+                    return Err(InferenceError::Overloaded);
+                }
+                let guard = PeerGuard::take(self, peer).ok_or(InferenceError::Overloaded)?;
+                st.remote.push_back(Queued {
+                    job,
+                    load,
+                    _peer: Some(guard),
+                });
+            }
+        }
+        drop(st);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next job, local ones first; `None` once closed and drained.
+    fn pop(&self) -> Option<Queued> {
+        let mut st = self.lock();
+        loop {
+            if let Some(q) = st.local.pop_front() {
+                return Some(q);
+            }
+            if let Some(q) = st.remote.pop_front() {
+                return Some(q);
+            }
+            if st.closed {
+                return None;
+            }
+            st = self.ready.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Take no more jobs; with `drain`, also drop the waiting ones (their
+    /// callers then see `WorkerGone`).
+    fn close(&self, drain: bool) {
+        let dropped: Vec<Queued> = {
+            let mut st = self.lock();
+            st.closed = true;
+            if drain {
+                let mut v: Vec<Queued> = st.local.drain(..).collect();
+                v.extend(st.remote.drain(..));
+                v
+            } else {
+                Vec::new()
+            }
+        };
+        self.ready.notify_all();
+        drop(dropped);
+    }
+
+    /// Jobs waiting in both lanes.
+    fn waiting(&self) -> usize {
+        let st = self.lock();
+        st.local.len() + st.remote.len()
+    }
+}
+
+/// One job's place in its peer's quota, given back when dropped.
+struct PeerGuard {
+    lanes: Arc<Lanes>,
+    peer: Arc<str>,
+}
+
+impl PeerGuard {
+    fn take(lanes: &Arc<Lanes>, peer: &Arc<str>) -> Option<Self> {
+        let mut counts = lanes.peer_counts();
+        let n = counts.entry(peer.clone()).or_insert(0);
+        if *n >= lanes.per_peer {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            lanes: lanes.clone(),
+            peer: peer.clone(),
+        })
+    }
+}
+
+impl Drop for PeerGuard {
+    fn drop(&mut self) {
+        let mut counts = self.lanes.peer_counts();
+        if let Some(n) = counts.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Closes the lanes when the last handle is dropped, so the worker ends.
+struct Closer(Arc<Lanes>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.0.close(false);
+    }
 }
 
 /// Whether a model should still be offered: its worker thread runs and it
@@ -144,18 +323,22 @@ impl Health {
     }
 }
 
-/// Marks the worker dead when its thread ends, however it ends.
-struct AliveGuard(Arc<Health>);
+/// Marks the worker dead when its thread ends, however it ends, and fails
+/// the jobs still waiting for it.
+struct AliveGuard(Arc<Health>, Arc<Lanes>);
 
 impl Drop for AliveGuard {
     fn drop(&mut self) {
         self.0.alive.store(false, Ordering::SeqCst);
+        self.1.close(true);
     }
 }
 
 #[derive(Clone)]
 pub struct ModelHandle {
-    tx: SyncSender<Queued>,
+    lanes: Arc<Lanes>,
+    _closer: Arc<Closer>,
+    lane: Lane,
     info: Arc<ModelInfo>,
     /// Jobs queued or running.
     load: Arc<AtomicUsize>,
@@ -165,17 +348,18 @@ pub struct ModelHandle {
 impl ModelHandle {
     /// Move `backend` onto its own thread.
     pub fn spawn(backend: Box<dyn Backend>, opts: WorkerOptions) -> Self {
-        let (tx, rx) = sync_channel::<Queued>(opts.queue.max(1));
+        let lanes = Arc::new(Lanes::new(&opts));
         let info = Arc::new(backend.info().clone());
         let load = Arc::new(AtomicUsize::new(0));
         let health = Arc::new(Health::new(&opts));
-        let alive = AliveGuard(health.clone());
+        let alive = AliveGuard(health.clone(), lanes.clone());
+        let rx = lanes.clone();
         let name = format!("model-{}", info.id);
         let mut backend = backend;
         let spawned = std::thread::Builder::new().name(name).spawn(move || {
             let h = alive.0.clone();
             let _alive = alive;
-            while let Ok(q) = rx.recv() {
+            while let Some(q) = rx.pop() {
                 // `run_job` catches a panicking backend itself; this keeps the
                 // thread alive should anything else in it panic (that job's
                 // caller then sees `WorkerGone`, its load guard is dropped).
@@ -190,11 +374,27 @@ impl ModelHandle {
             tracing::error!("cannot start model worker thread: {e}");
         }
         Self {
-            tx,
+            _closer: Arc::new(Closer(lanes.clone())),
+            lanes,
+            lane: Lane::Local,
             info,
             load,
             health,
         }
+    }
+
+    /// The same model, for requests of `peer`: they go to the remote lane
+    /// and count against that peer's quota.
+    pub fn for_peer(&self, peer: &str) -> Self {
+        Self {
+            lane: Lane::Remote(Arc::from(peer)),
+            ..self.clone()
+        }
+    }
+
+    /// Jobs waiting (not running), both lanes.
+    pub fn waiting(&self) -> usize {
+        self.lanes.waiting()
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -215,15 +415,8 @@ impl ModelHandle {
     }
 
     fn submit(&self, job: Job) -> Result<(), InferenceError> {
-        let q = Queued {
-            job,
-            load: LoadGuard::take(&self.load),
-        };
-        // A job that is not queued is dropped here, and its guard with it.
-        self.tx.try_send(q).map_err(|e| match e {
-            TrySendError::Full(_) => InferenceError::Overloaded,
-            TrySendError::Disconnected(_) => InferenceError::WorkerGone,
-        })
+        // A job that is not queued is dropped here, and its guards with it.
+        self.lanes.push(&self.lane, job, LoadGuard::take(&self.load))
     }
 
     pub async fn generate(
@@ -321,7 +514,7 @@ fn guarded<T>(
 /// Runs one job; its load is given back just before the reply, so a caller
 /// that has its answer never sees its own job counted.
 fn run_job(backend: &mut dyn Backend, q: Queued, health: &Health) {
-    let Queued { job, load } = q;
+    let Queued { job, load, _peer } = q;
     match job {
         Job::Generate {
             req,
@@ -424,6 +617,7 @@ mod tests {
                 queue: 4,
                 max_panics: 2,
                 panic_window: Duration::from_millis(300),
+                ..WorkerOptions::default()
             },
         );
         let bad = raw(MARKER);
@@ -447,19 +641,132 @@ mod tests {
     #[test]
     fn load_is_given_back_for_jobs_that_never_run() {
         let load = Arc::new(AtomicUsize::new(0));
-        let (tx, rx) = sync_channel::<Queued>(1);
+        let lanes = Arc::new(Lanes::new(&WorkerOptions::default()));
         let (reply, _rx) = oneshot::channel();
-        let q = Queued {
-            job: Job::Score {
-                text: String::new(),
-                reply,
-            },
-            load: LoadGuard::take(&load),
+        let job = Job::Score {
+            text: String::new(),
+            reply,
         };
-        assert!(tx.try_send(q).is_ok());
+        let peer: Arc<str> = Arc::from("p");
+        assert!(lanes
+            .push(&Lane::Remote(peer.clone()), job, LoadGuard::take(&load))
+            .is_ok());
         assert_eq!(load.load(Ordering::SeqCst), 1);
+        assert_eq!(lanes.peer_counts().get(&peer), Some(&1));
         // The worker is gone: the queued job is dropped unrun.
-        drop(rx);
+        lanes.close(true);
         assert_eq!(load.load(Ordering::SeqCst), 0);
+        assert!(
+            lanes.peer_counts().is_empty(),
+            "the peer's quota is given back too"
+        );
+    }
+
+    fn slow(ms: u64, opts: WorkerOptions) -> ModelHandle {
+        let be = FakeBackend::new("fake", 1, Duration::from_millis(ms), 0.9);
+        ModelHandle::spawn(Box::new(be), opts)
+    }
+
+    #[tokio::test]
+    async fn a_peer_over_its_quota_is_refused_at_once_and_others_still_get_in() {
+        let h = slow(
+            150,
+            WorkerOptions {
+                queue: 4,
+                remote_queue: 3,
+                per_peer: 2,
+                ..WorkerOptions::default()
+            },
+        );
+        let rogue = h.for_peer("rogue");
+        let a = tokio::spawn({
+            let r = rogue.clone();
+            async move { r.generate(raw("one"), None).await }
+        });
+        let b = tokio::spawn({
+            let r = rogue.clone();
+            async move { r.generate(raw("two"), None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let t = Instant::now();
+        assert!(matches!(
+            rogue.generate(raw("three"), None).await,
+            Err(InferenceError::Overloaded)
+        ));
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "refused without waiting"
+        );
+        // Another peer and a local user are still served.
+        assert!(h.for_peer("other").generate(raw("x"), None).await.is_ok());
+        assert!(h.generate(raw("y"), None).await.is_ok());
+        assert!(a.await.expect("join").is_ok());
+        assert!(b.await.expect("join").is_ok());
+        // Quota given back: the rogue peer may send again.
+        assert!(rogue.generate(raw("four"), None).await.is_ok());
+        assert_eq!(h.load(), 0);
+    }
+
+    #[tokio::test]
+    async fn local_jobs_run_before_waiting_remote_ones() {
+        let h = slow(
+            100,
+            WorkerOptions {
+                queue: 4,
+                remote_queue: 4,
+                per_peer: 4,
+                ..WorkerOptions::default()
+            },
+        );
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let run = |h: ModelHandle, tag: &'static str, order: Arc<Mutex<Vec<&'static str>>>| {
+            tokio::spawn(async move {
+                let r = h.generate(raw(tag), None).await;
+                order.lock().expect("order").push(tag);
+                r
+            })
+        };
+        // The first job occupies the worker; two remote ones queue, then a local one.
+        let first = run(h.clone(), "first", order.clone());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let r1 = run(h.for_peer("p"), "remote1", order.clone());
+        let r2 = run(h.for_peer("p"), "remote2", order.clone());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let l = run(h.clone(), "local", order.clone());
+        for j in [first, r1, r2, l] {
+            assert!(j.await.expect("join").is_ok());
+        }
+        let order = order.lock().expect("order").clone();
+        assert_eq!(order, vec!["first", "local", "remote1", "remote2"]);
+    }
+
+    #[tokio::test]
+    async fn full_remote_lane_leaves_the_local_lane_open() {
+        let h = slow(
+            100,
+            WorkerOptions {
+                queue: 2,
+                remote_queue: 2,
+                per_peer: 8,
+                ..WorkerOptions::default()
+            },
+        );
+        let mut held = Vec::new();
+        for i in 0..3 {
+            let r = h.for_peer("p");
+            held.push(tokio::spawn(async move {
+                r.generate(raw(&format!("r{i}")), None).await
+            }));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // One running, two waiting: the remote lane is full.
+        assert!(matches!(
+            h.for_peer("q").generate(raw("over"), None).await,
+            Err(InferenceError::Overloaded)
+        ));
+        assert!(h.generate(raw("local"), None).await.is_ok());
+        for j in held {
+            assert!(j.await.expect("join").is_ok());
+        }
     }
 }

@@ -40,7 +40,7 @@ pub use request::{
 use crate::config::RoutingConfig;
 use crate::events::Events;
 use crate::gateway::Gateway;
-use crate::inference::ModelHandle;
+use crate::inference::{InferenceError, ModelHandle};
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::network::NetworkHandle;
 use crate::safety::Semantic;
@@ -261,8 +261,10 @@ impl Router {
             let _ = release_tx.send(local_is_final(&pre, &thresholds));
             s
         };
-        let (safety, local) = tokio::join!(
-            safety,
+        // A local failure (a full queue above all) ends the query at once,
+        // without waiting for the embedding: a burst is refused quickly.
+        let (safety, local) = tokio::try_join!(
+            async { Ok::<_, InferenceError>(safety.await) },
             self.answer_locally(
                 &handle,
                 &req.messages,
@@ -271,8 +273,7 @@ impl Router {
                 req.deadline,
                 Some(live)
             )
-        );
-        let local = local?;
+        )?;
         let metrics = &self.p.metrics;
         if safety.flagged {
             metrics.safety_flags.inc();

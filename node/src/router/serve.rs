@@ -71,6 +71,8 @@ impl Router {
             return VoteReply::Err(wire_err(ErrorCode::NoModel, "this node serves no model"));
         };
         tracing::debug!(%peer, "vote request");
+        // The remote lane: behind local users, within this peer's quota.
+        let model = &model.for_peer(&peer.to_string());
         let params = ChatParams::greedy(req.max_tokens.min(self.p.max_tokens_limit));
         match self
             .answer_locally(model, &req.messages, &req.task, &params, deadline, None)
@@ -98,6 +100,7 @@ impl Router {
             ));
         };
         tracing::debug!(%peer, "forwarded query");
+        let model = &model.for_peer(&peer.to_string());
         let t0 = Instant::now();
         let deadline = Instant::now() + Duration::from_millis(u64::from(req.deadline_ms));
         let params = ChatParams {
