@@ -384,6 +384,7 @@ async fn a_panicking_request_fails_alone_and_the_worker_carries_on() {
             queue: 4,
             max_panics: 3,
             panic_window: Duration::from_secs(600),
+            ..WorkerOptions::default()
         },
     );
     let ask = |s: &str| GenerateRequest::chat(vec![ChatMessage::new("user", s)], 8);

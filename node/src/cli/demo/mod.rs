@@ -8,7 +8,7 @@
 //! `processes` (the child processes and the models they need), `swarm` (starting
 //! the swarm and asking it) and `table` (what is printed at the end).
 
-mod processes;
+pub(crate) mod processes;
 mod questions;
 mod swarm;
 mod table;

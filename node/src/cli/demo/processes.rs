@@ -14,18 +14,18 @@ use tokio::process::{Child, Command};
 use crate::cli::ModelArgs;
 
 /// A child process of this binary; killed when dropped (so also on errors and Ctrl-C).
-pub(super) struct Proc {
-    pub(super) name: String,
+pub(crate) struct Proc {
+    pub(crate) name: String,
     child: Child,
-    pub(super) http: String,
-    pub(super) peer_id: String,
-    pub(super) addrs: Vec<String>,
+    pub(crate) http: String,
+    pub(crate) peer_id: String,
+    pub(crate) addrs: Vec<String>,
     /// The model ids it announced.
     pub(super) models: String,
 }
 
 impl Proc {
-    pub(super) async fn spawn(
+    pub(crate) async fn spawn(
         name: &str,
         args: &[String],
         env: &[(&str, &str)],
@@ -90,7 +90,7 @@ impl Proc {
     }
 
     /// SIGTERM (a clean shutdown), then SIGKILL if it is still running after `grace`.
-    pub(super) async fn stop(&mut self, grace: Duration) {
+    pub(crate) async fn stop(&mut self, grace: Duration) {
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill")
                 .args(["-TERM", &pid.to_string()])
@@ -104,7 +104,7 @@ impl Proc {
 }
 
 /// Fetch every catalog model that is not installed yet, with progress.
-pub(super) fn fetch_models(common: &ModelArgs, specs: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn fetch_models(common: &ModelArgs, specs: &[&str]) -> anyhow::Result<()> {
     let cat = Catalog::load(common.catalog.as_deref())?;
     let home = models::home_dir();
     for spec in specs {

@@ -1,0 +1,736 @@
+//! `slm-swarm bench-load`: hold N concurrent chat requests against one or
+//! more nodes for a while, optionally killing (SIGKILL) and restarting a node
+//! every `--chaos-every`, and report what happened to every request (answered,
+//! refused with a clear error, failed), latency percentiles and the nodes'
+//! peak resident memory. Without `--node` it starts its own swarm on loopback.
+//!
+//! Chaos works on local processes: the process listening on a node URL's port
+//! is found through /proc, killed, and started again from its own command
+//! line, working directory and environment (so its URL, identity and ports
+//! stay the same).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+
+use super::demo::processes::{fetch_models, Proc};
+use super::ModelArgs;
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct BenchLoadArgs {
+    /// A node to load, e.g. http://127.0.0.1:8080 (repeat for several; requests
+    /// go round-robin). Without any, bench-load starts --local-nodes nodes of
+    /// its own on loopback and stops them at the end.
+    #[arg(long = "node", value_name = "URL")]
+    pub nodes: Vec<String>,
+    /// Nodes to start when no --node is given.
+    #[arg(long, default_value_t = 3)]
+    pub local_nodes: usize,
+    /// Model of the nodes bench-load starts (catalog id or GGUF path).
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// Compute threads of each node bench-load starts.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// How long to hold the load: seconds, or a duration with a unit (90s, 5m).
+    #[arg(long, default_value = "60", value_parser = parse_seconds)]
+    pub duration: Duration,
+    /// Kill one node with SIGKILL every --chaos-every and start it again after
+    /// --chaos-down (nodes must run on this machine).
+    #[arg(long)]
+    pub chaos: bool,
+    #[arg(long, default_value = "30s", value_parser = parse_seconds)]
+    pub chaos_every: Duration,
+    #[arg(long, default_value = "5s", value_parser = parse_seconds)]
+    pub chaos_down: Duration,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 16)]
+    pub max_tokens: u32,
+    /// Client deadline per request; beyond it the request counts as an error.
+    #[arg(long, default_value = "120s", value_parser = parse_seconds)]
+    pub timeout: Duration,
+    /// Bearer key of the nodes' HTTP API.
+    #[arg(long, env = "SLM_SWARM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Print one JSON object: requests, ok, refused, errors, p50_ms, p95_ms, max_rss_mb, …
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub common: ModelArgs,
+}
+
+/// Seconds when bare (`60`), else a duration with a unit (`500ms`, `2m`).
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()) {
+        let n: u64 = t.parse().map_err(|_| format!("`{t}` is too large"))?;
+        if n == 0 {
+            return Err("must be more than 0".into());
+        }
+        return Ok(Duration::from_secs(n));
+    }
+    super::duration::parse_duration_ms(t).map(Duration::from_millis)
+}
+
+/// Everyday questions of several kinds, so routing sees a realistic mix.
+const QUESTIONS: [&str; 12] = [
+    "What is the capital of France?",
+    "Is the sun a star? Answer yes or no.",
+    "Name a primary colour.",
+    "How many legs does a spider have?",
+    "What gas do plants take in for photosynthesis?",
+    "Translate 'thank you' into Spanish.",
+    "What is 12 times 12?",
+    "Which planet is known as the red planet?",
+    "Give a synonym of 'happy'.",
+    "What is the boiling point of water in Celsius?",
+    "Who wrote Romeo and Juliet?",
+    "What is the largest ocean on Earth?",
+];
+
+/// What became of one request.
+enum Outcome {
+    Ok {
+        ms: f64,
+        route: String,
+    },
+    /// 429/503/504 with an error body: the node said no, clearly.
+    Refused(u16),
+    /// The node could not be reached (killed by chaos, or down).
+    Unreachable,
+    Error(String),
+}
+
+#[derive(Default)]
+struct Tally {
+    ok_ms: Vec<f64>,
+    refused: usize,
+    unreachable: usize,
+    errors: usize,
+    statuses: BTreeMap<String, usize>,
+    routes: BTreeMap<String, usize>,
+    error_samples: Vec<String>,
+}
+
+impl Tally {
+    fn add(&mut self, o: Outcome) {
+        match o {
+            Outcome::Ok { ms, route } => {
+                self.ok_ms.push(ms);
+                *self.statuses.entry("200".into()).or_default() += 1;
+                *self.routes.entry(route).or_default() += 1;
+            }
+            Outcome::Refused(st) => {
+                self.refused += 1;
+                *self.statuses.entry(st.to_string()).or_default() += 1;
+            }
+            Outcome::Unreachable => self.unreachable += 1,
+            Outcome::Error(e) => {
+                self.errors += 1;
+                if self.error_samples.len() < 10 {
+                    self.error_samples.push(e);
+                }
+            }
+        }
+    }
+
+    fn requests(&self) -> usize {
+        self.ok_ms.len() + self.refused + self.unreachable + self.errors
+    }
+}
+
+async fn one(c: &reqwest::Client, url: &str, q: &str, max_tokens: u32) -> Outcome {
+    let body = json!({
+        "messages": [{"role": "user", "content": q}],
+        "max_tokens": max_tokens,
+    });
+    let t0 = Instant::now();
+    let resp = match c
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) if e.is_connect() => return Outcome::Unreachable,
+        Err(e) => return Outcome::Error(format!("{url}: {e}")),
+    };
+    let st = resp.status().as_u16();
+    let v: Result<Value, _> = resp.json().await;
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    match (st, v) {
+        (200, Ok(v)) if v["choices"][0]["message"]["content"].is_string() => Outcome::Ok {
+            ms,
+            route: v["swarm"]["route"].as_str().unwrap_or("?").to_string(),
+        },
+        (429 | 503 | 504, Ok(v)) if v["error"]["message"].is_string() => Outcome::Refused(st),
+        (st, Ok(v)) => Outcome::Error(format!("{url}: HTTP {st}: {}", clip(&v.to_string()))),
+        (st, Err(e)) => Outcome::Error(format!("{url}: HTTP {st}, unreadable body: {e}")),
+    }
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(200).collect()
+}
+
+fn pct(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    Some(sorted[i])
+}
+
+/// A local process found by its listening TCP port, and how to start it again.
+#[derive(Clone, Debug)]
+struct LocalNode {
+    url: String,
+    port: u16,
+}
+
+/// Socket inodes listening on `port` (IPv4 and IPv6).
+fn listening_inodes(port: u16) -> Vec<u64> {
+    let mut out = Vec::new();
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 10 || cols[3] != "0A" {
+                continue;
+            }
+            let Some(p) = cols[1].rsplit(':').next() else {
+                continue;
+            };
+            if u16::from_str_radix(p, 16).ok() == Some(port) {
+                if let Ok(ino) = cols[9].parse() {
+                    out.push(ino);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The process holding a socket listening on `port`.
+fn pid_on_port(port: u16) -> Option<u32> {
+    let inodes = listening_inodes(port);
+    if inodes.is_empty() {
+        return None;
+    }
+    let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(e.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(t) = std::fs::read_link(fd.path()) {
+                if wanted.iter().any(|w| Path::new(w) == t) {
+                    return Some(pid);
+                }
+            }
+        }
+    }
+    None
+}
+
+fn rss_mb(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// What it takes to start a process again as it was.
+struct Relaunch {
+    argv: Vec<String>,
+    cwd: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+fn relaunch_of(pid: u32) -> anyhow::Result<Relaunch> {
+    let split = |b: Vec<u8>| -> Vec<String> {
+        b.split(|&c| c == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect()
+    };
+    let argv = split(std::fs::read(format!("/proc/{pid}/cmdline"))?);
+    if argv.is_empty() {
+        bail!("process {pid} has no command line");
+    }
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))?;
+    let env = split(std::fs::read(format!("/proc/{pid}/environ"))?)
+        .into_iter()
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    Ok(Relaunch { argv, cwd, env })
+}
+
+fn port_of(url: &str) -> anyhow::Result<u16> {
+    let u = reqwest::Url::parse(url).with_context(|| format!("`{url}` is not a URL"))?;
+    u.port_or_known_default()
+        .with_context(|| format!("`{url}` has no port"))
+}
+
+/// Peak resident memory of each node process, sampled until `stop`.
+async fn sample_rss(nodes: Vec<LocalNode>, stop: Arc<AtomicBool>, peak: Arc<Mutex<BTreeMap<String, f64>>>) {
+    let mut pids: Vec<Option<u32>> = vec![None; nodes.len()];
+    while !stop.load(Ordering::SeqCst) {
+        for (i, n) in nodes.iter().enumerate() {
+            let mut rss = pids[i].and_then(rss_mb);
+            if rss.is_none() {
+                pids[i] = pid_on_port(n.port);
+                rss = pids[i].and_then(rss_mb);
+            }
+            if let Some(r) = rss {
+                let mut p = peak.lock().unwrap_or_else(|e| e.into_inner());
+                let e = p.entry(n.url.clone()).or_insert(0.0);
+                *e = e.max(r);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Every `every`: SIGKILL one node (in turn), wait `down`, start it again.
+async fn chaos(
+    nodes: Vec<LocalNode>,
+    every: Duration,
+    down: Duration,
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Vec<String>>>,
+    restarted: Arc<Mutex<Vec<tokio::process::Child>>>,
+    dir: PathBuf,
+) {
+    let note = |s: String| {
+        tracing::info!("{s}");
+        log.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+    };
+    let mut turn = 0usize;
+    let t0 = Instant::now();
+    loop {
+        tokio::time::sleep(every).await;
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let n = &nodes[turn % nodes.len()];
+        turn += 1;
+        let Some(pid) = pid_on_port(n.port) else {
+            note(format!(
+                "{:.0}s: no process serves {}; not killed",
+                t0.elapsed().as_secs_f64(),
+                n.url
+            ));
+            continue;
+        };
+        let how = match relaunch_of(pid) {
+            Ok(r) => r,
+            Err(e) => {
+                note(format!("cannot read how to restart {}: {e}; not killed", n.url));
+                continue;
+            }
+        };
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        note(format!(
+            "{:.0}s: SIGKILL {} (pid {pid}){}",
+            t0.elapsed().as_secs_f64(),
+            n.url,
+            if killed { "" } else { " failed" }
+        ));
+        // Give the port back before starting again.
+        let gone = Instant::now();
+        while pid_on_port(n.port).is_some() && gone.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(down).await;
+        let out = std::fs::File::create(dir.join(format!("restart-{turn}.log")));
+        let mut cmd = tokio::process::Command::new(&how.argv[0]);
+        cmd.args(&how.argv[1..])
+            .current_dir(&how.cwd)
+            .env_clear()
+            .envs(how.env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        match out.and_then(|f| Ok((f.try_clone()?, f))) {
+            Ok((a, b)) => {
+                cmd.stdout(a).stderr(b);
+            }
+            Err(_) => {
+                cmd.stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null());
+            }
+        }
+        match cmd.spawn() {
+            Ok(child) => {
+                note(format!("{:.0}s: restarted {}", t0.elapsed().as_secs_f64(), n.url));
+                restarted.lock().unwrap_or_else(|e| e.into_inner()).push(child);
+            }
+            Err(e) => note(format!("cannot restart {}: {e}", n.url)),
+        }
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+    }
+}
+
+/// Free loopback ports (TCP for HTTP, UDP for QUIC) fixed up front, so a node
+/// restarted by the chaos keeps its URL and its peers find it again.
+fn free_ports() -> anyhow::Result<(u16, u16)> {
+    let t = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let u = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+    Ok((t, u))
+}
+
+async fn start_swarm(a: &BenchLoadArgs, dir: &Path) -> anyhow::Result<Vec<Proc>> {
+    if a.local_nodes == 0 {
+        bail!("--local-nodes must be at least 1 (or give --node URLs)");
+    }
+    let ns = format!("bench-load-{}", std::process::id());
+    let mut procs: Vec<Proc> = Vec::new();
+    let mut quic: Vec<String> = Vec::new();
+    for i in 0..a.local_nodes {
+        let (http, udp) = free_ports()?;
+        let mut args: Vec<String> = [
+            "start",
+            "--model",
+            &a.model,
+            "--name",
+            &format!("load-{i}"),
+            "--http",
+            &format!("127.0.0.1:{http}"),
+            "--listen",
+            &format!("/ip4/127.0.0.1/udp/{udp}/quic-v1"),
+            "--no-mdns",
+            "--namespace",
+            &ns,
+            "--identity",
+            &dir.join(format!("node-{i}.key")).display().to_string(),
+            "--threads",
+            &a.threads.to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        if let Some(c) = &a.common.catalog {
+            args.extend(["--catalog".into(), c.display().to_string()]);
+        }
+        for q in &quic {
+            args.extend(["--bootstrap".into(), q.clone()]);
+        }
+        let p = Proc::spawn(&format!("load-{i}"), &args, &[], dir).await?;
+        if let Some(q) = p.addrs.iter().find(|x| x.starts_with("/ip4/127.0.0.1/")) {
+            quic.push(q.clone());
+        }
+        procs.push(p);
+    }
+    // Wait for the swarm to form (each node sees the others), at most 60 s.
+    let c = reqwest::Client::new();
+    let want = a.local_nodes - 1;
+    let t0 = Instant::now();
+    loop {
+        let mut formed = true;
+        for p in &procs {
+            let v: Option<Value> = match c.get(format!("{}/v1/swarm/peers", p.http)).send().await {
+                Ok(r) => r.json().await.ok(),
+                Err(_) => None,
+            };
+            let n = v
+                .as_ref()
+                .and_then(|v| v["peers"].as_array().map(|x| x.len()))
+                .unwrap_or(0);
+            formed &= n >= want;
+        }
+        if formed || t0.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(procs)
+}
+
+pub(super) fn bench_load(a: BenchLoadArgs) -> anyhow::Result<std::process::ExitCode> {
+    if a.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    if a.nodes.is_empty() {
+        fetch_models(&a.common, &[a.model.as_str()])?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(run(a))
+}
+
+async fn run(a: BenchLoadArgs) -> anyhow::Result<std::process::ExitCode> {
+    let dir = tempfile::Builder::new()
+        .prefix("slm-swarm-bench-load")
+        .tempdir()?;
+    let mut own = Vec::new();
+    let urls: Vec<String> = if a.nodes.is_empty() {
+        eprintln!("starting {} nodes of {} on loopback…", a.local_nodes, a.model);
+        own = start_swarm(&a, dir.path()).await?;
+        own.iter().map(|p| p.http.clone()).collect()
+    } else {
+        a.nodes
+            .iter()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .collect()
+    };
+    let mut locals = Vec::new();
+    for u in &urls {
+        locals.push(LocalNode {
+            url: u.clone(),
+            port: port_of(u)?,
+        });
+    }
+    if a.chaos {
+        for n in &locals {
+            if pid_on_port(n.port).is_none() {
+                bail!(
+                    "--chaos kills and restarts nodes on this machine, but no local process listens on {} \
+                     (start the nodes here, or omit --node to let bench-load start its own)",
+                    n.url
+                );
+            }
+        }
+        if locals.len() < 2 {
+            bail!("--chaos needs at least two nodes (one is down at a time)");
+        }
+    }
+
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(k) = a.api_key.as_deref().filter(|k| !k.is_empty()) {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {k}"))
+            .context("the API key has characters a header cannot carry")?;
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    let client = reqwest::Client::builder()
+        .timeout(a.timeout)
+        .connect_timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(a.concurrency)
+        .default_headers(headers)
+        .build()?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(Mutex::new(BTreeMap::new()));
+    let chaos_log = Arc::new(Mutex::new(Vec::new()));
+    let restarted = Arc::new(Mutex::new(Vec::new()));
+    let sampler = tokio::spawn(sample_rss(locals.clone(), stop.clone(), peak.clone()));
+    let monkey = a.chaos.then(|| {
+        tokio::spawn(chaos(
+            locals.clone(),
+            a.chaos_every,
+            a.chaos_down,
+            stop.clone(),
+            chaos_log.clone(),
+            restarted.clone(),
+            dir.path().to_path_buf(),
+        ))
+    });
+
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let bar = if a.json {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::new(a.duration.as_secs().max(1));
+        b.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len}s {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    };
+    let t0 = Instant::now();
+    let end = t0 + a.duration;
+    let urls = Arc::new(urls);
+    let mut workers = Vec::new();
+    for w in 0..a.concurrency {
+        let (c, urls, tally) = (client.clone(), urls.clone(), tally.clone());
+        let max_tokens = a.max_tokens;
+        workers.push(tokio::spawn(async move {
+            let mut i = w;
+            while Instant::now() < end {
+                let url = &urls[i % urls.len()];
+                let q = QUESTIONS[i % QUESTIONS.len()];
+                let o = one(&c, url, q, max_tokens).await;
+                let unreachable = matches!(o, Outcome::Unreachable);
+                tally.lock().unwrap_or_else(|e| e.into_inner()).add(o);
+                if unreachable {
+                    // A dead node refuses connections at once; do not spin on it.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                i += urls.len().max(1) * 7 + 1;
+            }
+        }));
+    }
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t = tally.lock().unwrap_or_else(|e| e.into_inner());
+        bar.set_position(t0.elapsed().as_secs());
+        bar.set_message(format!(
+            "{} ok, {} refused, {} errors, {} unreachable",
+            t.ok_ms.len(),
+            t.refused,
+            t.errors,
+            t.unreachable
+        ));
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    bar.finish_and_clear();
+    stop.store(true, Ordering::SeqCst);
+    if let Some(m) = monkey {
+        m.abort();
+    }
+    let _ = sampler.await;
+    let wall = t0.elapsed().as_secs_f64();
+
+    // The nodes started here, and any the chaos restarted, are stopped.
+    for p in own.iter_mut() {
+        p.stop(Duration::from_secs(5)).await;
+    }
+    let kids: Vec<tokio::process::Child> =
+        std::mem::take(&mut *restarted.lock().unwrap_or_else(|e| e.into_inner()));
+    if a.nodes.is_empty() {
+        for mut k in kids {
+            let _ = k.kill().await;
+        }
+    } else {
+        // Restarted nodes of the user's swarm keep running.
+        for k in kids {
+            std::mem::forget(k);
+        }
+    }
+
+    let t = std::mem::take(&mut *tally.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut ms = t.ok_ms.clone();
+    ms.sort_by(f64::total_cmp);
+    let peak = peak.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let max_rss = peak
+        .values()
+        .copied()
+        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+    let round1 = |x: Option<f64>| x.map(|v| (v * 10.0).round() / 10.0);
+    let chaos_events = chaos_log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let out = json!({
+        "requests": t.requests(),
+        "ok": t.ok_ms.len(),
+        "refused": t.refused,
+        "errors": t.errors,
+        "unreachable": t.unreachable,
+        "p50_ms": round1(pct(&ms, 0.5)),
+        "p95_ms": round1(pct(&ms, 0.95)),
+        "max_ms": round1(ms.last().copied()),
+        "max_rss_mb": round1(max_rss),
+        "rss_mb_by_node": peak,
+        "concurrency": a.concurrency,
+        "duration_s": (wall * 10.0).round() / 10.0,
+        "throughput_rps": ((t.ok_ms.len() as f64 / wall.max(1e-9)) * 100.0).round() / 100.0,
+        "nodes": *urls,
+        "chaos": a.chaos,
+        "chaos_events": chaos_events,
+        "status": t.statuses,
+        "routes": t.routes,
+        "error_samples": t.error_samples,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "{} requests in {:.0} s at concurrency {}: {} ok, {} refused (429/503/504), {} errors, {} unreachable",
+            t.requests(),
+            wall,
+            a.concurrency,
+            t.ok_ms.len(),
+            t.refused,
+            t.errors,
+            t.unreachable
+        );
+        let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0} ms"));
+        println!(
+            "latency of answered: p50 {}  p95 {}  max {}",
+            f(pct(&ms, 0.5)),
+            f(pct(&ms, 0.95)),
+            f(ms.last().copied())
+        );
+        println!(
+            "peak RSS: {}",
+            max_rss.map_or("unknown (nodes not on this machine)".into(), |v| format!(
+                "{v:.0} MB"
+            ))
+        );
+        println!("routes: {}", serde_json::to_string(&t.routes)?);
+        for e in &chaos_events {
+            println!("chaos: {e}");
+        }
+        for e in &t.error_samples {
+            println!("error: {e}");
+        }
+    }
+    Ok(if t.errors == 0 {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_seconds_when_bare() {
+        assert_eq!(parse_seconds("60"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_seconds("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_seconds("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_seconds("0").is_err());
+        assert!(parse_seconds("soon").is_err());
+    }
+
+    #[test]
+    fn finds_this_process_by_its_listening_port() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        assert_eq!(pid_on_port(port), Some(std::process::id()));
+        assert!(rss_mb(std::process::id()).is_some_and(|r| r > 0.0));
+        drop(l);
+        assert_eq!(pid_on_port(port), None);
+    }
+
+    #[test]
+    fn tally_counts_every_outcome_once() {
+        let mut t = Tally::default();
+        t.add(Outcome::Ok {
+            ms: 5.0,
+            route: "local".into(),
+        });
+        t.add(Outcome::Refused(429));
+        t.add(Outcome::Unreachable);
+        t.add(Outcome::Error("x".into()));
+        assert_eq!(t.requests(), 4);
+        assert_eq!((t.ok_ms.len(), t.refused, t.unreachable, t.errors), (1, 1, 1, 1));
+        assert_eq!(t.statuses.get("429"), Some(&1));
+        assert_eq!(pct(&[1.0, 2.0, 3.0], 0.5), Some(2.0));
+    }
+}
