@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,7 +56,9 @@ pub(crate) struct BenchLoadArgs {
     #[arg(long, default_value_t = 16)]
     pub max_tokens: u32,
     /// Client deadline per request; beyond it the request counts as an error.
-    #[arg(long, default_value = "120s", value_parser = parse_seconds)]
+    /// Longer than a node's own deadline (`request_timeout_ms`, 120 s), so a
+    /// node that cannot answer in time says so (504) first.
+    #[arg(long, default_value = "150s", value_parser = parse_seconds)]
     pub timeout: Duration,
     /// Bearer key of the nodes' HTTP API.
     #[arg(long, env = "SLM_SWARM_API_KEY", hide_env_values = true)]
@@ -103,10 +105,13 @@ enum Outcome {
         ms: f64,
         route: String,
     },
-    /// 429/503/504 with an error body: the node said no, clearly.
-    Refused(u16),
+    /// 429/503/504 with an error body: the node said no, clearly (and when
+    /// to come back: `Retry-After`).
+    Refused(u16, Option<Duration>),
     /// The node could not be reached (killed by chaos, or down).
     Unreachable,
+    /// The connection broke while the chaos killed that node: lost with it.
+    Interrupted,
     Error(String),
 }
 
@@ -115,6 +120,7 @@ struct Tally {
     ok_ms: Vec<f64>,
     refused: usize,
     unreachable: usize,
+    interrupted: usize,
     errors: usize,
     statuses: BTreeMap<String, usize>,
     routes: BTreeMap<String, usize>,
@@ -129,11 +135,12 @@ impl Tally {
                 *self.statuses.entry("200".into()).or_default() += 1;
                 *self.routes.entry(route).or_default() += 1;
             }
-            Outcome::Refused(st) => {
+            Outcome::Refused(st, _) => {
                 self.refused += 1;
                 *self.statuses.entry(st.to_string()).or_default() += 1;
             }
             Outcome::Unreachable => self.unreachable += 1,
+            Outcome::Interrupted => self.interrupted += 1,
             Outcome::Error(e) => {
                 self.errors += 1;
                 if self.error_samples.len() < 10 {
@@ -144,7 +151,7 @@ impl Tally {
     }
 
     fn requests(&self) -> usize {
-        self.ok_ms.len() + self.refused + self.unreachable + self.errors
+        self.ok_ms.len() + self.refused + self.unreachable + self.interrupted + self.errors
     }
 }
 
@@ -162,9 +169,15 @@ async fn one(c: &reqwest::Client, url: &str, q: &str, max_tokens: u32) -> Outcom
     {
         Ok(r) => r,
         Err(e) if e.is_connect() => return Outcome::Unreachable,
-        Err(e) => return Outcome::Error(format!("{url}: {e}")),
+        Err(e) => return Outcome::Error(format!("{url}: {}", chain(&e))),
     };
     let st = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s.min(30)));
     let v: Result<Value, _> = resp.json().await;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     match (st, v) {
@@ -172,10 +185,22 @@ async fn one(c: &reqwest::Client, url: &str, q: &str, max_tokens: u32) -> Outcom
             ms,
             route: v["swarm"]["route"].as_str().unwrap_or("?").to_string(),
         },
-        (429 | 503 | 504, Ok(v)) if v["error"]["message"].is_string() => Outcome::Refused(st),
+        (429 | 503 | 504, Ok(v)) if v["error"]["message"].is_string() => Outcome::Refused(st, retry),
         (st, Ok(v)) => Outcome::Error(format!("{url}: HTTP {st}: {}", clip(&v.to_string()))),
         (st, Err(e)) => Outcome::Error(format!("{url}: HTTP {st}, unreadable body: {e}")),
     }
+}
+
+/// An error with its causes ("error sending request: connection reset").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 fn clip(s: &str) -> String {
@@ -315,6 +340,7 @@ async fn sample_rss(nodes: Vec<LocalNode>, stop: Arc<AtomicBool>, peak: Arc<Mute
 /// Every `every`: SIGKILL one node (in turn), wait `down`, start it again.
 async fn chaos(
     nodes: Vec<LocalNode>,
+    kills: Arc<Vec<AtomicU64>>,
     every: Duration,
     down: Duration,
     stop: Arc<AtomicBool>,
@@ -333,7 +359,8 @@ async fn chaos(
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let n = &nodes[turn % nodes.len()];
+        let idx = turn % nodes.len();
+        let n = &nodes[idx];
         turn += 1;
         let Some(pid) = pid_on_port(n.port) else {
             note(format!(
@@ -350,6 +377,7 @@ async fn chaos(
                 continue;
             }
         };
+        kills[idx].fetch_add(1, Ordering::SeqCst);
         let killed = std::process::Command::new("kill")
             .args(["-KILL", &pid.to_string()])
             .status()
@@ -366,6 +394,8 @@ async fn chaos(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tokio::time::sleep(down).await;
+        // Requests sent from now on meet the restarting node, not the dead one.
+        kills[idx].fetch_add(1, Ordering::SeqCst);
         let out = std::fs::File::create(dir.join(format!("restart-{turn}.log")));
         let mut cmd = tokio::process::Command::new(&how.argv[0]);
         cmd.args(&how.argv[1..])
@@ -525,21 +555,32 @@ async fn run(a: BenchLoadArgs) -> anyhow::Result<std::process::ExitCode> {
         v.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, v);
     }
-    let client = reqwest::Client::builder()
-        .timeout(a.timeout)
-        .connect_timeout(Duration::from_secs(5))
-        .pool_max_idle_per_host(a.concurrency)
-        .default_headers(headers)
-        .build()?;
+    let builder = move || {
+        reqwest::Client::builder()
+            .timeout(a.timeout)
+            .connect_timeout(Duration::from_secs(5))
+            .default_headers(headers.clone())
+            .build()
+    };
+    // One client per node, replaced when the chaos restarts that node: its
+    // pooled connections lead to the dead process.
+    let mut per_node = Vec::new();
+    for _ in &locals {
+        per_node.push(Mutex::new((0u64, builder()?)));
+    }
+    let clients = Arc::new(per_node);
+    let builder = Arc::new(builder);
 
     let stop = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(Mutex::new(BTreeMap::new()));
     let chaos_log = Arc::new(Mutex::new(Vec::new()));
     let restarted = Arc::new(Mutex::new(Vec::new()));
     let sampler = tokio::spawn(sample_rss(locals.clone(), stop.clone(), peak.clone()));
+    let kills: Arc<Vec<AtomicU64>> = Arc::new(locals.iter().map(|_| AtomicU64::new(0)).collect());
     let monkey = a.chaos.then(|| {
         tokio::spawn(chaos(
             locals.clone(),
+            kills.clone(),
             a.chaos_every,
             a.chaos_down,
             stop.clone(),
@@ -565,19 +606,41 @@ async fn run(a: BenchLoadArgs) -> anyhow::Result<std::process::ExitCode> {
     let urls = Arc::new(urls);
     let mut workers = Vec::new();
     for w in 0..a.concurrency {
-        let (c, urls, tally) = (client.clone(), urls.clone(), tally.clone());
+        let (clients, builder) = (clients.clone(), builder.clone());
+        let (urls, tally, kills) = (urls.clone(), tally.clone(), kills.clone());
         let max_tokens = a.max_tokens;
         workers.push(tokio::spawn(async move {
             let mut i = w;
             while Instant::now() < end {
-                let url = &urls[i % urls.len()];
+                let n = i % urls.len();
+                let url = &urls[n];
                 let q = QUESTIONS[i % QUESTIONS.len()];
-                let o = one(&c, url, q, max_tokens).await;
-                let unreachable = matches!(o, Outcome::Unreachable);
+                let epoch = kills[n].load(Ordering::SeqCst);
+                let c = {
+                    let mut slot = clients[n].lock().unwrap_or_else(|e| e.into_inner());
+                    if slot.0 != epoch {
+                        if let Ok(fresh) = builder() {
+                            *slot = (epoch, fresh);
+                        }
+                    }
+                    slot.1.clone()
+                };
+                let mut o = one(&c, url, q, max_tokens).await;
+                if matches!(o, Outcome::Error(_) | Outcome::Unreachable)
+                    && kills[n].load(Ordering::SeqCst) != epoch
+                {
+                    o = Outcome::Interrupted;
+                }
+                // As a polite client: come back when a refusal says, and do
+                // not spin on a dead node that refuses connections at once.
+                let pause = match &o {
+                    Outcome::Refused(_, after) => Some(after.unwrap_or(Duration::from_secs(1))),
+                    Outcome::Unreachable | Outcome::Interrupted => Some(Duration::from_millis(200)),
+                    _ => None,
+                };
                 tally.lock().unwrap_or_else(|e| e.into_inner()).add(o);
-                if unreachable {
-                    // A dead node refuses connections at once; do not spin on it.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                if let Some(p) = pause {
+                    tokio::time::sleep(p.min(end.saturating_duration_since(Instant::now()))).await;
                 }
                 i += urls.len().max(1) * 7 + 1;
             }
@@ -588,11 +651,12 @@ async fn run(a: BenchLoadArgs) -> anyhow::Result<std::process::ExitCode> {
         let t = tally.lock().unwrap_or_else(|e| e.into_inner());
         bar.set_position(t0.elapsed().as_secs());
         bar.set_message(format!(
-            "{} ok, {} refused, {} errors, {} unreachable",
+            "{} ok, {} refused, {} errors, {} unreachable, {} interrupted",
             t.ok_ms.len(),
             t.refused,
             t.errors,
-            t.unreachable
+            t.unreachable,
+            t.interrupted
         ));
     }
     for w in workers {
@@ -639,6 +703,7 @@ async fn run(a: BenchLoadArgs) -> anyhow::Result<std::process::ExitCode> {
         "refused": t.refused,
         "errors": t.errors,
         "unreachable": t.unreachable,
+        "interrupted": t.interrupted,
         "p50_ms": round1(pct(&ms, 0.5)),
         "p95_ms": round1(pct(&ms, 0.95)),
         "max_ms": round1(ms.last().copied()),
@@ -658,14 +723,15 @@ async fn run(a: BenchLoadArgs) -> anyhow::Result<std::process::ExitCode> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
-            "{} requests in {:.0} s at concurrency {}: {} ok, {} refused (429/503/504), {} errors, {} unreachable",
+            "{} requests in {:.0} s at concurrency {}: {} ok, {} refused (429/503/504), {} errors, {} unreachable, {} interrupted by a kill",
             t.requests(),
             wall,
             a.concurrency,
             t.ok_ms.len(),
             t.refused,
             t.errors,
-            t.unreachable
+            t.unreachable,
+            t.interrupted
         );
         let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0} ms"));
         println!(
@@ -725,10 +791,11 @@ mod tests {
             ms: 5.0,
             route: "local".into(),
         });
-        t.add(Outcome::Refused(429));
+        t.add(Outcome::Refused(429, None));
         t.add(Outcome::Unreachable);
         t.add(Outcome::Error("x".into()));
-        assert_eq!(t.requests(), 4);
+        t.add(Outcome::Interrupted);
+        assert_eq!(t.requests(), 5);
         assert_eq!((t.ok_ms.len(), t.refused, t.unreachable, t.errors), (1, 1, 1, 1));
         assert_eq!(t.statuses.get("429"), Some(&1));
         assert_eq!(pct(&[1.0, 2.0, 3.0], 0.5), Some(2.0));
