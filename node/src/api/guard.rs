@@ -102,13 +102,19 @@ impl Guard {
 }
 
 fn refuse(status: StatusCode, kind: &'static str, msg: String) -> Response {
-    ApiError {
+    let mut r = ApiError {
         status,
         message: msg,
         kind,
         param: None,
     }
-    .into_response()
+    .into_response();
+    // These refusals leave the request body unread, so hyper closes the
+    // connection after them; saying so keeps the client from pooling it and
+    // sending its next request into the closing socket (a reset, not an answer).
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 /// The middleware: host first (a rebinding page learns nothing), then the key.

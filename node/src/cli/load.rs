@@ -338,8 +338,10 @@ async fn sample_rss(nodes: Vec<LocalNode>, stop: Arc<AtomicBool>, peak: Arc<Mute
 }
 
 /// Every `every`: SIGKILL one node (in turn), wait `down`, start it again.
-async fn chaos(
+/// What the chaos task works on and reports to.
+struct Chaos {
     nodes: Vec<LocalNode>,
+    /// Per node: bumped at each kill and each restart.
     kills: Arc<Vec<AtomicU64>>,
     every: Duration,
     down: Duration,
@@ -347,7 +349,19 @@ async fn chaos(
     log: Arc<Mutex<Vec<String>>>,
     restarted: Arc<Mutex<Vec<tokio::process::Child>>>,
     dir: PathBuf,
-) {
+}
+
+async fn chaos(c: Chaos) {
+    let Chaos {
+        nodes,
+        kills,
+        every,
+        down,
+        stop,
+        log,
+        restarted,
+        dir,
+    } = c;
     let note = |s: String| {
         tracing::info!("{s}");
         log.lock().unwrap_or_else(|e| e.into_inner()).push(s);
@@ -578,16 +592,16 @@ async fn run(a: BenchLoadArgs) -> anyhow::Result<std::process::ExitCode> {
     let sampler = tokio::spawn(sample_rss(locals.clone(), stop.clone(), peak.clone()));
     let kills: Arc<Vec<AtomicU64>> = Arc::new(locals.iter().map(|_| AtomicU64::new(0)).collect());
     let monkey = a.chaos.then(|| {
-        tokio::spawn(chaos(
-            locals.clone(),
-            kills.clone(),
-            a.chaos_every,
-            a.chaos_down,
-            stop.clone(),
-            chaos_log.clone(),
-            restarted.clone(),
-            dir.path().to_path_buf(),
-        ))
+        tokio::spawn(chaos(Chaos {
+            nodes: locals.clone(),
+            kills: kills.clone(),
+            every: a.chaos_every,
+            down: a.chaos_down,
+            stop: stop.clone(),
+            log: chaos_log.clone(),
+            restarted: restarted.clone(),
+            dir: dir.path().to_path_buf(),
+        }))
     });
 
     let tally = Arc::new(Mutex::new(Tally::default()));
