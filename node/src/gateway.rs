@@ -5,8 +5,10 @@
 
 use std::time::{Duration, Instant};
 
+use futures::stream::{BoxStream, StreamExt};
 use swarm_protocol::{
-    clip_owned, CloudStatus, ErrorCode, EscalateRequest, EscalateResponse, Task, WireError,
+    clip, clip_owned, CloudStatus, ErrorCode, EscalateFrame, EscalateReply, EscalateRequest,
+    EscalateResponse, Task, WireError,
 };
 
 use crate::cloud::{CloudClient, CloudError, CloudRequest};
@@ -17,6 +19,24 @@ pub struct Gateway {
     cloud: Option<CloudClient>,
     /// This node's peer id, reported in the answers it gets from the cloud.
     me: String,
+}
+
+/// A cloud failure as the swarm reports it: an exhausted budget is `Overloaded`
+/// (peers fail over), a slow cloud `Timeout`, anything else `Internal`.
+fn wire_of(e: &CloudError) -> WireError {
+    let code = match e {
+        CloudError::BudgetExhausted { .. } => ErrorCode::Overloaded,
+        CloudError::Timeout { .. } => ErrorCode::Timeout,
+        _ => ErrorCode::Internal,
+    };
+    wire(code, e)
+}
+
+fn deadline_passed() -> WireError {
+    WireError {
+        code: ErrorCode::Timeout,
+        message: "cloud_timeout: the escalation's deadline passed".into(),
+    }
 }
 
 fn wire(code: ErrorCode, e: &CloudError) -> WireError {
@@ -108,20 +128,8 @@ impl Gateway {
         .await
         {
             Ok(Ok(a)) => a,
-            Ok(Err(e)) => {
-                let code = match e {
-                    CloudError::BudgetExhausted { .. } => ErrorCode::Overloaded,
-                    CloudError::Timeout { .. } => ErrorCode::Timeout,
-                    _ => ErrorCode::Internal,
-                };
-                return Err(wire(code, &e));
-            }
-            Err(_) => {
-                return Err(WireError {
-                    code: ErrorCode::Timeout,
-                    message: "cloud_timeout: the escalation's deadline passed".into(),
-                })
-            }
+            Ok(Err(e)) => return Err(wire_of(&e)),
+            Err(_) => return Err(deadline_passed()),
         };
         // The cloud's text is untrusted: cut on a character boundary, never inside one.
         let text = clip_owned(answer.text, swarm_protocol::MAX_TEXT_BYTES);
@@ -137,6 +145,81 @@ impl Gateway {
             cloud_ms: t0.elapsed().as_millis().min(u128::from(u32::MAX)) as u32,
             gateway: self.me.clone(),
         })
+    }
+}
+
+impl Gateway {
+    /// Call the cloud for an escalation with a streamed completion: the cloud's
+    /// own SSE pieces as they arrive (the answer's leading whitespace dropped,
+    /// never more than `MAX_TEXT_BYTES` in all), then `End` with the whole
+    /// reply (text trimmed, as [`Gateway::call`] gives it). Dropping the stream
+    /// abandons the cloud call.
+    pub fn call_stream(&self, req: &EscalateRequest) -> BoxStream<'static, EscalateFrame> {
+        let client = self.cloud.clone();
+        let me = self.me.clone();
+        let id = req.id;
+        let deadline = Instant::now() + Duration::from_millis(u64::from(req.deadline_ms));
+        let creq = client.as_ref().map(|c| CloudRequest {
+            messages: cloud_messages(req),
+            max_tokens: c.config().clamp_max_tokens(req.max_tokens),
+            temperature: 0.0,
+            stop: Vec::new(),
+        });
+        async_stream::stream! {
+            let (Some(client), Some(creq)) = (client, creq) else {
+                yield EscalateFrame::End(EscalateReply::Err(WireError {
+                    code: ErrorCode::NoModel,
+                    message: "this node has no cloud access".into(),
+                }));
+                return;
+            };
+            let t0 = Instant::now();
+            let mut pieces = match tokio::time::timeout_at(deadline.into(), client.chat_stream(creq)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    yield EscalateFrame::End(EscalateReply::Err(wire_of(&e)));
+                    return;
+                }
+                Err(_) => {
+                    yield EscalateFrame::End(EscalateReply::Err(deadline_passed()));
+                    return;
+                }
+            };
+            let mut text = String::new();
+            loop {
+                match tokio::time::timeout_at(deadline.into(), pieces.next()).await {
+                    Ok(Some(Ok(piece))) => {
+                        let piece = if text.is_empty() { piece.trim_start() } else { piece.as_str() };
+                        // The cloud's text is untrusted: cut on a character boundary.
+                        let head = clip(piece, swarm_protocol::MAX_TEXT_BYTES - text.len());
+                        if !head.is_empty() {
+                            text.push_str(head);
+                            yield EscalateFrame::Piece(head.to_string());
+                        }
+                    }
+                    Ok(Some(Err(e))) => {
+                        yield EscalateFrame::End(EscalateReply::Err(wire_of(&e)));
+                        return;
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        yield EscalateFrame::End(EscalateReply::Err(deadline_passed()));
+                        return;
+                    }
+                }
+            }
+            let end = text.trim_end().len();
+            text.truncate(end);
+            yield EscalateFrame::End(EscalateReply::Ok(EscalateResponse {
+                id,
+                text,
+                // A streamed answer names no model: the configured one answered.
+                model: clip_owned(client.config().model.clone(), swarm_protocol::MAX_MODEL_ID_LEN),
+                cloud_ms: t0.elapsed().as_millis().min(u128::from(u32::MAX)) as u32,
+                gateway: me,
+            }));
+        }
+        .boxed()
     }
 }
 

@@ -123,6 +123,10 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// What `Node::start` needs.
+/// One in-process node of a memory swarm: its config, models and cloud access.
+#[cfg(any(test, feature = "testing"))]
+pub type MemoryNode = (NodeConfig, Vec<Box<dyn Backend>>, Option<CloudClient>);
+
 pub struct NodeOptions {
     pub cfg: NodeConfig,
     pub key: Keypair,
@@ -333,10 +337,20 @@ impl Node {
         nodes: Vec<(NodeConfig, Vec<Box<dyn Backend>>)>,
         within: Duration,
     ) -> Result<Vec<Node>, NodeError> {
+        let nodes = nodes.into_iter().map(|(c, b)| (c, b, None)).collect();
+        Self::start_memory_swarm_with_cloud(nodes, within).await
+    }
+
+    /// [`Node::start_memory_swarm`], with cloud access for the nodes given one.
+    #[cfg(any(test, feature = "testing"))]
+    pub async fn start_memory_swarm_with_cloud(
+        nodes: Vec<MemoryNode>,
+        within: Duration,
+    ) -> Result<Vec<Node>, NodeError> {
         let deadline = Instant::now() + within;
         let n = nodes.len();
         let mut started: Vec<Node> = Vec::with_capacity(n);
-        for (mut cfg, backends) in nodes {
+        for (mut cfg, backends, cloud) in nodes {
             cfg.listen = vec!["/memory/0".into()];
             cfg.mdns = false;
             if let Some(first) = started.first() {
@@ -352,7 +366,7 @@ impl Node {
                 backends,
                 transport: TransportKind::Memory,
                 identity_lock: None,
-                cloud: None,
+                cloud,
             })
             .await?;
             while node.net.listen_addrs().await?.is_empty() {

@@ -1,6 +1,7 @@
 //! One query path for streaming and non-streaming answers: a local answer whose
 //! route cannot change streams its tokens while the model is still generating;
-//! a streamed vote ends with the full `swarm` provenance. In-process nodes over
+//! a streamed vote ends with the full `swarm` provenance; a cloud answer streams
+//! as the cloud sends it, through the gateway's relay. In-process nodes over
 //! libp2p's memory transport; the models are stand-ins (the routing, not the
 //! model, is under test), one of which holds its generation at a gate the test opens.
 
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
+use swarm_node::cloud::{CloudClient, CloudConfig};
 use swarm_node::config::NodeConfig;
 use swarm_node::inference::testing::FakeBackend;
 use swarm_node::inference::ChatMessage;
@@ -231,4 +233,125 @@ async fn a_streamed_vote_ends_with_the_full_provenance() {
         ["A. shark", "B. dolphin", "C. trout", "D. eel"].contains(&content.as_str()),
         "{content}"
     );
+}
+
+/// A cloud stand-in (no real endpoint is reachable here): answers the probe,
+/// and streams "Paris" at once, then holds the rest of its answer until the
+/// test opens `gate` (or 20 s pass), then " is the capital." and `[DONE]`.
+async fn gated_cloud(gate: Arc<tokio::sync::Notify>) -> String {
+    use axum::body::Body;
+    use axum::routing::{get, post};
+    let chunk = |delta: Value, finish: Value| {
+        format!(
+            "data: {}\n\n",
+            json!({"object": "chat.completion.chunk",
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        )
+    };
+    let app = axum::Router::new()
+        .route("/v1/models", get(|| async { axum::Json(json!({"data": []})) }))
+        .route(
+            "/v1/chat/completions",
+            post(move || {
+                let gate = gate.clone();
+                async move {
+                    let body = async_stream::stream! {
+                        yield Ok::<_, std::io::Error>(chunk(json!({"content": "Paris"}), Value::Null));
+                        let _ = tokio::time::timeout(Duration::from_secs(20), gate.notified()).await;
+                        yield Ok(chunk(json!({"content": " is the capital."}), Value::Null));
+                        yield Ok(chunk(json!({}), json!("stop")));
+                        yield Ok("data: [DONE]\n\n".to_string());
+                    };
+                    axum::response::Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(Body::from_stream(body))
+                        .expect("response")
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}/v1")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_answer_streams_as_the_cloud_sends_it() {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let url = gated_cloud(gate.clone()).await;
+    let client = CloudClient::new(CloudConfig {
+        base_url: url,
+        model: "stand-in".into(),
+        ..CloudConfig::default()
+    })
+    .expect("cloud client");
+    assert!(client.probe().await, "the stand-in answers the probe");
+    let ns = format!("stream-cloud-{}", std::process::id());
+    let fake = |i: u64| -> Vec<Box<dyn Backend>> {
+        vec![Box::new(FakeBackend::new(
+            &format!("fake-{i}"),
+            i,
+            Duration::from_millis(5),
+            0.6,
+        ))]
+    };
+    let nodes = Node::start_memory_swarm_with_cloud(
+        vec![(cfg(&ns, 0), fake(0), Some(client)), (cfg(&ns, 1), fake(1), None)],
+        Duration::from_secs(20),
+    )
+    .await
+    .expect("swarm");
+    let g = nodes[0].peer_id.to_string();
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while !nodes
+        .iter()
+        .all(|n| n.snapshot().gateway.as_ref().map(|x| &x.peer) == Some(&g))
+    {
+        assert!(
+            std::time::Instant::now() < until,
+            "node 0 never became everyone's gateway"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // From the gateway itself (its own cloud stream), then from a peer (the
+    // gateway relays the cloud's pieces over `/escalate-stream`).
+    for (who, node) in [("the gateway", &nodes[0]), ("a peer", &nodes[1])] {
+        let req = ChatRequest {
+            model: None,
+            messages: vec![ChatMessage::new("user", "Tell me about the capital of France.")],
+            params: ChatParams::greedy(32),
+            ext: SwarmExt {
+                route: swarm_protocol::RouteOverride::Cloud,
+                task: Some(swarm_protocol::Task::Free),
+                ..SwarmExt::default()
+            },
+            deadline: std::time::Instant::now() + Duration::from_secs(60),
+        };
+        let mut events = node.router.chat_stream(req);
+        // The cloud holds the rest of its answer until this first piece arrives.
+        let first = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .unwrap_or_else(|_| panic!("{who}: no piece while the cloud was still answering"));
+        match first {
+            Some(Ok(ChatEvent::Token(t))) => assert_eq!(t, "Paris", "{who}"),
+            other => panic!("{who}: expected the cloud's first piece, got {other:?}"),
+        }
+        gate.notify_one();
+        let mut text = String::from("Paris");
+        let mut done = None;
+        while let Some(ev) = events.next().await {
+            match ev.unwrap_or_else(|e| panic!("{who}: {e}")) {
+                ChatEvent::Token(t) => text.push_str(&t),
+                ChatEvent::Done(a) => done = Some(a),
+            }
+        }
+        let a = done.unwrap_or_else(|| panic!("{who}: no final answer"));
+        assert_eq!(text, "Paris is the capital.", "{who}");
+        assert_eq!(a.text, "Paris is the capital.", "{who}");
+        assert_eq!(a.prov.route, "cloud", "{who}");
+        assert_eq!(a.prov.gateway.as_deref(), Some(g.as_str()), "{who}");
+        assert!(!a.prov.degraded, "{who}");
+    }
 }

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::message::{
-    Advert, EscalateReply, EscalateRequest, QueryReply, QueryRequest, Validate, ValidationError, VoteReply,
-    VoteRequest, PROTOCOL_VERSION,
+    Advert, EscalateFrame, EscalateReply, EscalateRequest, QueryReply, QueryRequest, Validate,
+    ValidationError, VoteReply, VoteRequest, PROTOCOL_VERSION,
 };
 
 /// Largest encoded advert (they ride on gossip; keep them small).
@@ -61,6 +61,9 @@ impl WireMessage for QueryReply {
     const MAX_BYTES: usize = MAX_RESPONSE_BYTES;
 }
 impl WireMessage for EscalateReply {
+    const MAX_BYTES: usize = MAX_RESPONSE_BYTES;
+}
+impl WireMessage for EscalateFrame {
     const MAX_BYTES: usize = MAX_RESPONSE_BYTES;
 }
 
@@ -449,5 +452,30 @@ mod tests {
         // Deep nesting must hit ciborium's recursion limit, not the stack.
         let deep = vec![0x81u8; 100_000];
         decode_all(&deep);
+    }
+
+    #[test]
+    fn escalate_frames_round_trip_and_oversized_pieces_are_refused() {
+        let piece = EscalateFrame::Piece("Hé".repeat(10));
+        let bytes = encode_msg(&piece).expect("encode");
+        assert_eq!(decode_msg::<EscalateFrame>(&bytes).expect("decode"), piece);
+        let end = EscalateFrame::End(EscalateReply::Ok(EscalateResponse {
+            id: 9,
+            text: "B".into(),
+            model: "cloud".into(),
+            cloud_ms: 12,
+            gateway: "12D3KooWAbc".into(),
+        }));
+        let bytes = encode_msg(&end).expect("encode");
+        assert_eq!(decode_msg::<EscalateFrame>(&bytes).expect("decode"), end);
+        let big = EscalateFrame::Piece("x".repeat(MAX_PIECE_BYTES + 1));
+        let bytes = encode(&big).expect("encode");
+        assert!(matches!(
+            decode_msg::<EscalateFrame>(&bytes),
+            Err(CodecError::Invalid(ValidationError::TooLong {
+                field: "piece",
+                ..
+            }))
+        ));
     }
 }

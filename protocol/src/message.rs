@@ -50,6 +50,8 @@ pub const MAX_STOP_LEN: usize = 64;
 pub const MAX_ANSWER_BYTES: usize = 16 * 1024;
 /// Longest generated text in a query or escalation response.
 pub const MAX_TEXT_BYTES: usize = 512 * 1024;
+/// Longest piece of a streamed escalation answer (one frame).
+pub const MAX_PIECE_BYTES: usize = 16 * 1024;
 /// Most voter records attached to an escalation.
 pub const MAX_VOTERS: usize = 64;
 /// Longest error message.
@@ -627,6 +629,26 @@ impl Validate for EscalateReply {
         match self {
             EscalateReply::Ok(r) => r.validate(),
             EscalateReply::Err(e) => e.validate(),
+        }
+    }
+}
+
+/// One frame of `/slm-swarm/<ns>/escalate-stream/1`: the gateway relays the
+/// cloud's answer as it arrives (`Piece`s), then ends with the whole reply,
+/// whose text is authoritative (the pieces are for the user to watch).
+/// Each frame is length-prefixed on the stream; the request is an
+/// [`EscalateRequest`] framed the same way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum EscalateFrame {
+    Piece(String),
+    End(EscalateReply),
+}
+
+impl Validate for EscalateFrame {
+    fn validate(&self) -> Result<(), ValidationError> {
+        match self {
+            EscalateFrame::Piece(t) => check_str("piece", t, MAX_PIECE_BYTES),
+            EscalateFrame::End(r) => r.validate(),
         }
     }
 }

@@ -16,8 +16,8 @@ use libp2p::{Multiaddr, PeerId};
 use serde_json::{json, Value};
 use swarm_node::network::{self, Limits, NetConfig, TransportKind};
 use swarm_protocol::{
-    encode_msg, Advert, Capacity, ChatMessage, CloudStatus, ErrorCode, EscalateReply, EscalateRequest,
-    GatewayClaim, QueryReply, QueryRequest, Task, VoteReply, VoteRequest,
+    encode_msg, Advert, Capacity, ChatMessage, CloudStatus, ErrorCode, EscalateFrame, EscalateReply,
+    EscalateRequest, GatewayClaim, QueryReply, QueryRequest, Task, VoteReply, VoteRequest,
 };
 use swarm_tests::{bin, http_post, loopback_start_args, tiny_models, unique_ns, wait_for, NodeProc};
 
@@ -293,7 +293,33 @@ fn a_keyed_swarm_serves_members_and_refuses_outsiders() {
                 EscalateReply::Ok(_) => None,
             }),
         );
-        println!("outsider: vote {vote:?}\nquery {query:?}\nescalate {esc:?}");
+        // The streamed relay too: at most a refusal, never a piece or an answer.
+        let relayed: Vec<Result<EscalateFrame, network::NetError>> = match net
+            .escalate_stream(
+                g_peer,
+                EscalateRequest {
+                    id: 4,
+                    messages: msgs(),
+                    task: Task::Short,
+                    max_tokens: 8,
+                    swarm_answers: Vec::new(),
+                    deadline_ms: 10_000,
+                },
+                t,
+            )
+            .await
+        {
+            Ok(frames) => futures::StreamExt::collect(frames).await,
+            Err(e) => vec![Err(e)],
+        };
+        for f in &relayed {
+            match f {
+                Err(_) => {}
+                Ok(EscalateFrame::End(EscalateReply::Err(e))) if e.code == ErrorCode::Unauthorized => {}
+                other => panic!("the outsider's streamed escalation was served: {other:?}"),
+            }
+        }
+        println!("outsider: vote {vote:?}\nquery {query:?}\nescalate {esc:?}\nstreamed {relayed:?}");
 
         // Signed adverts claiming the gateway role with top priority, for a few seconds.
         let now_ms = std::time::SystemTime::now()

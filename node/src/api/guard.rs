@@ -28,7 +28,12 @@ pub(super) struct Guard {
     /// The key's variable is configured but unset or empty: refuse everything.
     fail_closed: bool,
     hosts: Vec<String>,
+    /// Largest request body read before any check answers.
+    body_limit: usize,
 }
+
+/// How long a client has to send its whole request body.
+const BODY_READ: Duration = Duration::from_secs(10);
 
 fn digest(s: &[u8]) -> [u8; 32] {
     Sha256::digest(s).into()
@@ -50,6 +55,7 @@ impl Guard {
                 .iter()
                 .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
                 .collect(),
+            body_limit: 1 << 20,
         }
     }
 
@@ -109,9 +115,8 @@ fn refuse(status: StatusCode, kind: &'static str, msg: String) -> Response {
         param: None,
     }
     .into_response();
-    // These refusals leave the request body unread, so hyper closes the
-    // connection after them; saying so keeps the client from pooling it and
-    // sending its next request into the closing socket (a reset, not an answer).
+    // The connection closes after a refusal; saying so keeps the client from
+    // pooling it and sending its next request into the closing socket.
     r.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
@@ -119,6 +124,28 @@ fn refuse(status: StatusCode, kind: &'static str, msg: String) -> Response {
 
 /// The middleware: host first (a rebinding page learns nothing), then the key.
 pub(super) async fn check(State(g): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+    // The whole body is read first (bounded in size and time): a socket closed
+    // with request bytes still unread is reset by the kernel, and the reset can
+    // reach the client before the refusal does (bench-load saw such resets).
+    let (parts, body) = req.into_parts();
+    let bytes = match tokio::time::timeout(BODY_READ, axum::body::to_bytes(body, g.body_limit)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                format!("the request body is over {} bytes or broke off", g.body_limit),
+            )
+        }
+        Err(_) => {
+            return refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!("the request body did not arrive within {} s", BODY_READ.as_secs()),
+            )
+        }
+    };
+    let req = Request::from_parts(parts, axum::body::Body::from(bytes));
     let host = req
         .headers()
         .get(header::HOST)
@@ -181,8 +208,13 @@ pub(super) fn wrap<S: Clone + Send + Sync + 'static>(
     app: Router<S>,
     cfg: &ApiConfig,
     deadline: Duration,
+    body_limit: usize,
 ) -> Router<S> {
-    wrap_with(app, Guard::new(cfg), cfg, deadline)
+    let guard = Guard {
+        body_limit,
+        ..Guard::new(cfg)
+    };
+    wrap_with(app, guard, cfg, deadline)
 }
 
 fn wrap_with<S: Clone + Send + Sync + 'static>(
@@ -214,6 +246,7 @@ mod tests {
             key: key.map(|k| digest(k.as_bytes())),
             fail_closed: false,
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            body_limit: 1 << 20,
         }
     }
 
@@ -226,7 +259,7 @@ mod tests {
         let app = Router::new()
             .route("/a", axum::routing::get(slow))
             .route("/b", axum::routing::get(slow));
-        wrap(app, cfg, deadline)
+        wrap(app, cfg, deadline, 1 << 20)
     }
 
     fn get(path: &str, host: &str, auth: Option<&str>) -> Request {
@@ -235,6 +268,51 @@ mod tests {
             b = b.header("authorization", format!("Bearer {k}"));
         }
         b.body(axum::body::Body::empty()).expect("request")
+    }
+
+    /// Over real TCP: a client that sends a large body while the node is full
+    /// reads a 429, not a reset (the body is read before the refusal, so the
+    /// socket is never closed with bytes unread).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_client_reads_its_429_even_with_a_large_body() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let cfg = ApiConfig {
+            max_concurrent: 1,
+            ..ApiConfig::default()
+        };
+        let app = Router::new().route(
+            "/slow",
+            axum::routing::post(|| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                "done"
+            }),
+        );
+        let app = wrap(app, &cfg, Duration::from_secs(30), 1 << 20);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let post = |body_len: usize| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let head =
+                format!("POST /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {body_len}\r\n\r\n");
+            s.write_all(head.as_bytes()).await?;
+            s.write_all(&vec![b'x'; body_len]).await?;
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).await?;
+            Ok::<_, std::io::Error>(String::from_utf8_lossy(&out).to_string())
+        };
+        // Take the only slot.
+        let busy = tokio::spawn(post(10));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for _ in 0..10 {
+            let r = post(900 * 1024)
+                .await
+                .expect("no reset: the refusal arrives whole");
+            assert!(r.starts_with("HTTP/1.1 429"), "{}", &r[..r.len().min(200)]);
+        }
+        busy.abort();
     }
 
     #[tokio::test]
@@ -379,6 +457,7 @@ mod tests {
             key: None,
             fail_closed: true,
             hosts: Vec::new(),
+            body_limit: 1 << 20,
         };
         assert!(!closed.authorized(&h("authorization", "Bearer anything")));
     }

@@ -157,7 +157,7 @@ pub fn router(node: Node) -> Router {
         })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(node);
-    guard::wrap(app, &api, deadline)
+    guard::wrap(app, &api, deadline, limit)
 }
 
 fn unix_now() -> u64 {

@@ -29,6 +29,15 @@ struct ChatBody<'a> {
     #[serde(skip_serializing_if = "no_stops")]
     stop: &'a [String],
     stream: bool,
+    /// Streams only: ask for the usage chunk at the end, so a streamed call
+    /// settles its token reservation like a plain one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
 }
 
 fn no_stops(s: &&[String]) -> bool {
@@ -177,6 +186,7 @@ impl Inner {
             temperature: req.temperature,
             stop: &req.stop,
             stream,
+            stream_options: stream.then_some(StreamOptions { include_usage: true }),
         };
         let mut rb = self.http.post(self.chat_url.clone()).json(&body);
         if stream {

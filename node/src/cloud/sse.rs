@@ -96,6 +96,8 @@ pub(super) enum StreamEvent {
     Done,
     /// A chunk: maybe some text, maybe the finish reason.
     Delta { text: Option<String>, finished: bool },
+    /// The usage chunk (`stream_options.include_usage`): tokens the call cost.
+    Usage(u32),
 }
 
 #[derive(Deserialize)]
@@ -104,6 +106,18 @@ struct Chunk {
     choices: Vec<ChunkChoice>,
     #[serde(default)]
     error: Option<serde_json::Value>,
+    #[serde(default)]
+    usage: Option<ChunkUsage>,
+}
+
+#[derive(Deserialize)]
+struct ChunkUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u32>,
+    #[serde(default)]
+    completion_tokens: Option<u32>,
+    #[serde(default)]
+    total_tokens: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -136,7 +150,13 @@ pub(super) fn decode_event(data: &str) -> Result<StreamEvent, CloudError> {
         )));
     }
     let Some(choice) = chunk.choices.into_iter().next() else {
-        // e.g. a trailing usage-only chunk
+        let total = chunk.usage.and_then(|u| {
+            u.total_tokens
+                .or_else(|| u.prompt_tokens?.checked_add(u.completion_tokens?))
+        });
+        if let Some(t) = total {
+            return Ok(StreamEvent::Usage(t));
+        }
         return Ok(StreamEvent::Delta {
             text: None,
             finished: false,

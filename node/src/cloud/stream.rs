@@ -10,7 +10,7 @@ use tracing::debug;
 
 use super::client::{check_request, elapsed_ms};
 use super::sse::{decode_event, SseParser, StreamEvent};
-use super::{CloudClient, CloudError, CloudRequest, CloudStream};
+use super::{CloudAnswer, CloudClient, CloudError, CloudRequest, CloudStream};
 
 /// Largest streamed answer accepted, all chunks together.
 const MAX_STREAM_BYTES: usize = 16 << 20;
@@ -20,8 +20,9 @@ impl CloudClient {
     /// request (within `timeout_ms`); the stream then fails with `Timeout` if
     /// the endpoint stays silent for `timeout_ms` between two chunks. A server
     /// that ignores `stream: true` and answers plain JSON is handled too (one item).
-    /// `max_tokens` is clamped to `max_tokens_per_call`. A streamed answer
-    /// carries no usage, so its reservation stands (unless refused at once).
+    /// `max_tokens` is clamped to `max_tokens_per_call`. The request asks for
+    /// the usage chunk (`stream_options.include_usage`): a complete answer that
+    /// reports it settles its reservation to it; otherwise the reservation stands.
     pub async fn chat_stream(&self, req: CloudRequest) -> Result<CloudStream, CloudError> {
         let inner = Arc::clone(&self.inner);
         check_request(&req)?;
@@ -63,6 +64,22 @@ impl CloudClient {
             let mut total = 0usize;
             let mut pieces = 0u32;
             let mut finished = false;
+            let mut used: Option<u32> = None;
+            let mut held = Some(reservation);
+            // Settle once the answer is known to be whole (to the usage, if it came).
+            let mut settle = |used: Option<u32>| {
+                if let Some(r) = held.take() {
+                    let cost = CloudAnswer {
+                        text: String::new(),
+                        model: String::new(),
+                        latency_ms: elapsed_ms(started),
+                        prompt_tokens: None,
+                        completion_tokens: None,
+                        total_tokens: used,
+                    };
+                    inner.settle(r, &Ok(cost));
+                }
+            };
             loop {
                 let next = match tokio::time::timeout(inner.timeout, body.next()).await {
                     Ok(n) => n,
@@ -100,8 +117,10 @@ impl CloudClient {
                     match decode_event(&data) {
                         Ok(StreamEvent::Done) => {
                             debug!(latency_ms = elapsed_ms(started), pieces, "cloud stream done");
+                            settle(used);
                             return;
                         }
+                        Ok(StreamEvent::Usage(t)) => used = Some(t),
                         Ok(StreamEvent::Delta { text, finished: f }) => {
                             finished |= f;
                             if let Some(t) = text {
@@ -123,6 +142,8 @@ impl CloudClient {
                             "stream ended before [DONE] (answer cut off)".to_string(),
                         );
                         yield Err(inner.failed(e, elapsed_ms(started)));
+                    } else {
+                        settle(used);
                     }
                     return;
                 }

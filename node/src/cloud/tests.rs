@@ -202,6 +202,13 @@ async fn mock_chat(State(s): State<Arc<MockState>>, headers: HeaderMap, body: St
     }
     if !mode.cut_stream {
         events.push(chunk(json!({}), json!("stop")));
+        // As OpenAI does: a usage chunk with no choices, only when asked for.
+        if let (Some(u), true) = (&mode.usage, req["stream_options"]["include_usage"] == json!(true)) {
+            events.push(format!(
+                "data: {}\n\n",
+                json!({"id": "c1", "object": "chat.completion.chunk", "choices": [], "usage": u})
+            ));
+        }
         events.push("data: [DONE]\n\n".to_string());
     }
     let body = async_stream::stream! {

@@ -144,6 +144,9 @@ struct Actor {
     escalations: HashMap<OutboundRequestId, (PeerId, Reply<EscalateReply>)>,
     /// `None`: open swarm.
     auth: Option<Auth>,
+    /// Inbound streams of the escalation relay, and the slots they may hold.
+    relay_in: libp2p_stream::IncomingStreams,
+    relay_slots: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -265,6 +268,13 @@ pub fn spawn(key: Keypair, cfg: NetConfig) -> Result<(NetworkHandle, mpsc::Recei
             Err(e) => tracing::warn!("ignoring the peers file: {e}"),
         }
     }
+    let relay = libp2p::StreamProtocol::try_from_owned(cfg.protocol("escalate-stream"))
+        .map_err(|e| NetError::Setup(format!("protocol name: {e}")))?;
+    let mut streams = swarm.behaviour().stream.new_control();
+    let relay_in = streams
+        .accept(relay.clone())
+        .map_err(|e| NetError::Setup(format!("relay protocol: {e:?}")))?;
+    let relay_slots = super::relay::slots(cfg.limits.max_streams);
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     let cfg_peers_file = cfg.peers_file.clone();
@@ -285,9 +295,17 @@ pub fn spawn(key: Keypair, cfg: NetConfig) -> Result<(NetworkHandle, mpsc::Recei
         queries: HashMap::new(),
         escalations: HashMap::new(),
         auth,
+        relay_in,
+        relay_slots,
     };
     tokio::spawn(actor.run(cmd_rx));
-    Ok((NetworkHandle { tx: cmd_tx, local }, ev_rx))
+    let handle = NetworkHandle {
+        tx: cmd_tx,
+        local,
+        streams,
+        relay,
+    };
+    Ok((handle, ev_rx))
 }
 
 fn unauthorized() -> WireError {
@@ -321,6 +339,17 @@ impl Actor {
                     None => break,
                 },
                 ev = self.swarm.select_next_some() => self.swarm_event(ev),
+                Some((peer, stream)) = self.relay_in.next() => {
+                    // Admission is known here; the reading happens in a task of its own.
+                    let admitted = self.is_admitted(&peer);
+                    tokio::spawn(super::relay::accept(
+                        peer,
+                        stream,
+                        admitted,
+                        self.relay_slots.clone(),
+                        self.events.clone(),
+                    ));
+                }
                 _ = tick.tick() => {
                     self.auth_tick();
                     self.redial_bootstrap();
@@ -378,6 +407,13 @@ impl Actor {
             }
             Command::Connected(tx) => {
                 let _ = tx.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::Ready(peer, tx) => {
+                let ready = self
+                    .auth
+                    .as_ref()
+                    .is_none_or(|a| a.admitted.contains_key(&peer) && a.accepted_by.contains(&peer));
+                let _ = tx.send(ready);
             }
             Command::Shutdown(_) => {}
         }

@@ -2,7 +2,7 @@
 //! limits, gossipsub for adverts (and revocation lists in keyed swarms), mDNS,
 //! identify, ping, the admission handshake (keyed swarms only) and three
 //! request-response protocols (query, vote, escalate) with bounded concurrent
-//! streams, all named with the swarm's namespace so two swarms on one LAN never mix.
+//! streams, raw streams for the streamed escalation relay, all named with the swarm's namespace so two swarms on one LAN never mix.
 
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
@@ -45,6 +45,8 @@ pub struct Behaviour {
     /// The admission handshake; off in an open swarm, so a keyed node refuses
     /// an open one (it does not speak the protocol).
     pub auth: Toggle<request_response::Behaviour<AuthCodec>>,
+    /// Raw streams: the streamed escalation relay (`relay.rs`).
+    pub stream: libp2p_stream::Behaviour,
 }
 
 /// identify's protocol version: carries the namespace so foreign swarms can be told apart.
@@ -157,6 +159,7 @@ impl Behaviour {
                 None => None,
             }),
             blocked: allow_block_list::Behaviour::default(),
+            stream: libp2p_stream::Behaviour::new(),
         })
     }
 }

@@ -13,12 +13,13 @@ pub mod auth;
 pub mod behaviour;
 pub mod codec;
 pub mod peers;
+pub mod relay;
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libp2p::request_response::ResponseChannel;
-use libp2p::{Multiaddr, PeerId};
+use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use swarm_protocol::{
     Advert, EscalateReply, EscalateRequest, QueryReply, QueryRequest, VoteReply, VoteRequest,
 };
@@ -27,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use actor::spawn;
 pub use auth::AdmissionSetup;
+pub use relay::{RelayFrames, RelaySink};
 
 #[derive(Debug, Error, Clone)]
 pub enum NetError {
@@ -138,6 +140,12 @@ pub enum NetEvent {
         req: EscalateRequest,
         channel: ResponseChannel<EscalateReply>,
     },
+    /// An escalation whose answer is relayed piece by piece as the cloud streams it.
+    EscalateStream {
+        peer: PeerId,
+        req: EscalateRequest,
+        sink: RelaySink,
+    },
     Connected(PeerId),
     Disconnected(PeerId),
     ListenAddr(Multiaddr),
@@ -171,6 +179,10 @@ pub(crate) enum Command {
     Dial(Multiaddr),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Connected(oneshot::Sender<Vec<PeerId>>),
+    /// Whether a raw stream to the peer would be served now: an open swarm,
+    /// or admitted both ways (otherwise the request-response path, which waits
+    /// for the handshake, is the one to use).
+    Ready(PeerId, oneshot::Sender<bool>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -179,6 +191,9 @@ pub(crate) enum Command {
 pub struct NetworkHandle {
     tx: mpsc::Sender<Command>,
     local: PeerId,
+    /// Opens raw streams (the escalation relay) without going through the actor.
+    streams: libp2p_stream::Control,
+    relay: StreamProtocol,
 }
 
 impl NetworkHandle {
@@ -241,6 +256,46 @@ impl NetworkHandle {
     ) -> Result<EscalateReply, NetError> {
         self.request(peer, timeout, |tx| Command::Escalate(peer, req, tx))
             .await
+    }
+
+    /// An escalation whose answer the gateway relays as the cloud streams it:
+    /// pieces, then the reply, all within `timeout`. `Err` before any frame
+    /// means nothing was relayed (the caller may use [`Self::escalate`]).
+    pub async fn escalate_stream(
+        &self,
+        peer: PeerId,
+        req: EscalateRequest,
+        timeout: Duration,
+    ) -> Result<RelayFrames, NetError> {
+        let deadline = Instant::now() + timeout;
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Ready(peer, tx)).await?;
+        if !rx.await.map_err(|_| NetError::Stopped)? {
+            return Err(NetError::NotAdmitted {
+                peer: peer.to_string(),
+                reason: "admission not complete both ways yet".into(),
+            });
+        }
+        let mut control = self.streams.clone();
+        let stream =
+            match tokio::time::timeout_at(deadline.into(), control.open_stream(peer, self.relay.clone()))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    return Err(NetError::Request {
+                        peer: peer.to_string(),
+                        reason: e.to_string(),
+                    })
+                }
+                Err(_) => {
+                    return Err(NetError::Timeout {
+                        peer: peer.to_string(),
+                        ms: timeout.as_millis() as u64,
+                    })
+                }
+            };
+        relay::request(peer, stream, req, deadline).await
     }
 
     pub async fn respond_vote(&self, ch: ResponseChannel<VoteReply>, r: VoteReply) -> Result<(), NetError> {

@@ -1,12 +1,18 @@
 //! The coordinator's side of escalation: send the query and what the swarm said
 //! to the elected gateway (this node's own cloud access when it is the gateway),
 //! retrying once through a successor if the gateway fails mid-escalation.
+//! When the caller streams, the cloud's own SSE pieces are relayed to it as they
+//! arrive (through `/escalate-stream` from a remote gateway); a relay that
+//! breaks after its first piece cannot be retried (the user has seen part of
+//! an answer) and fails the query.
 
 use std::time::{Duration, Instant};
 
+use futures::{Stream, StreamExt};
 use libp2p::PeerId;
 use swarm_protocol::query::CloudAnswer;
-use swarm_protocol::{ErrorCode, EscalateReply, EscalateRequest, Task, VoterRecord};
+use swarm_protocol::{ErrorCode, EscalateFrame, EscalateReply, EscalateRequest, Task, VoterRecord};
+use tokio::sync::mpsc;
 
 use crate::network::NetError;
 
@@ -16,13 +22,16 @@ use super::Router;
 impl Router {
     /// Send the query and the swarm's answers to the gateway; `Err` says why the
     /// cloud could not answer (the caller degrades to the swarm's answer).
+    /// With `relay`, the cloud's pieces go there as they arrive; the outer
+    /// `Err` is a relay that broke after its first piece.
     pub(super) async fn escalate(
         &self,
         query_id: u64,
         req: &ChatRequest,
         task: &Task,
         votes: Vec<VoterRecord>,
-    ) -> Result<CloudAnswer, String> {
+        relay: Option<&mpsc::Sender<String>>,
+    ) -> Result<Result<CloudAnswer, String>, RelayBroke> {
         let mut tried: Vec<String> = Vec::new();
         let mut last = String::from("no gateway");
         for attempt in 0..2 {
@@ -39,11 +48,11 @@ impl Router {
                 }
             }
             let Some(g) = gw.filter(|g| !tried.contains(&g.peer)) else {
-                return Err(format!("cloud unavailable: {last}"));
+                return Ok(Err(format!("cloud unavailable: {last}")));
             };
             let left = remaining(req.deadline);
             if left.is_zero() {
-                return Err("cloud unavailable: deadline passed".into());
+                return Ok(Err("cloud unavailable: deadline passed".into()));
             }
             let er = EscalateRequest {
                 id: query_id,
@@ -62,10 +71,45 @@ impl Router {
             }
             let mut not_yet = false;
             let res = if g.peer == self.me() {
-                self.p.gateway.call(&er).await.map_err(|e| e.message)
+                match relay {
+                    Some(tx) => {
+                        let frames = self.p.gateway.call_stream(&er).map(Ok::<_, NetError>);
+                        match relay_frames(frames, tx).await? {
+                            Ok(EscalateReply::Ok(r)) => Ok(r),
+                            Ok(EscalateReply::Err(e)) => Err(e.message),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                    None => self.p.gateway.call(&er).await.map_err(|e| e.message),
+                }
             } else {
-                match g.peer.parse::<PeerId>() {
-                    Ok(p) => match self.p.net.escalate(p, er, left).await {
+                let peer = g.peer.parse::<PeerId>();
+                let streamed = match (relay, &peer) {
+                    (Some(tx), Ok(p)) => match self.p.net.escalate_stream(*p, er.clone(), left).await {
+                        Ok(frames) => Some(relay_frames(frames, tx).await?),
+                        Err(e) => {
+                            // Nothing relayed yet: the plain request below serves (an older
+                            // gateway, a handshake still under way, or a real failure it reports).
+                            tracing::debug!("streamed escalation not opened, asking plainly: {e}");
+                            None
+                        }
+                    },
+                    _ => None,
+                };
+                match peer {
+                    Ok(p) => match streamed
+                        .map_or_else(
+                            || {
+                                futures::future::Either::Left(self.p.net.escalate(
+                                    p,
+                                    er,
+                                    remaining(req.deadline),
+                                ))
+                            },
+                            |r| futures::future::Either::Right(std::future::ready(r)),
+                        )
+                        .await
+                    {
                         Ok(EscalateReply::Ok(r)) => Ok(r),
                         Ok(EscalateReply::Err(e)) => {
                             if e.code == ErrorCode::Unauthorized && e.message.contains("not the gateway") {
@@ -89,12 +133,12 @@ impl Router {
             };
             match res {
                 Ok(r) => {
-                    return Ok(CloudAnswer {
+                    return Ok(Ok(CloudAnswer {
                         text: r.text,
                         model: r.model,
                         cloud_ms: r.cloud_ms,
                         gateway: r.gateway,
-                    })
+                    }))
                 }
                 Err(e) => {
                     tracing::warn!("escalation failed: {e}");
@@ -109,8 +153,48 @@ impl Router {
                 }
             }
         }
-        Err(format!("cloud unavailable: {last}"))
+        Ok(Err(format!("cloud unavailable: {last}")))
     }
+}
+
+/// A relayed cloud answer broke off after part of it reached the user.
+#[derive(Debug)]
+pub(super) struct RelayBroke(pub String);
+
+/// Pass a gateway's pieces on to `tx` and return its reply as a plain
+/// escalation would give it. A failure before the first piece is an ordinary
+/// reply (retried or degraded as usual); after it, [`RelayBroke`].
+async fn relay_frames(
+    frames: impl Stream<Item = Result<EscalateFrame, NetError>>,
+    tx: &mpsc::Sender<String>,
+) -> Result<Result<EscalateReply, NetError>, RelayBroke> {
+    tokio::pin!(frames);
+    let mut relayed = false;
+    while let Some(frame) = frames.next().await {
+        let reply = match frame {
+            Ok(EscalateFrame::Piece(t)) => {
+                relayed = true;
+                // A receiver that left has abandoned the query; nothing to do.
+                let _ = tx.send(t).await;
+                continue;
+            }
+            Ok(EscalateFrame::End(r)) => Ok(r),
+            Err(e) => Err(e),
+        };
+        return match (&reply, relayed) {
+            (Ok(EscalateReply::Ok(_)), _) | (_, false) => Ok(reply),
+            (Ok(EscalateReply::Err(e)), true) => Err(RelayBroke(e.message.clone())),
+            (Err(e), true) => Err(RelayBroke(e.to_string())),
+        };
+    }
+    let closed = "the gateway closed the stream without an answer".to_string();
+    if relayed {
+        return Err(RelayBroke(closed));
+    }
+    Ok(Err(NetError::Request {
+        peer: "gateway".into(),
+        reason: closed,
+    }))
 }
 
 /// The cloud calls `peer` says it has left, if it advertises cloud access.

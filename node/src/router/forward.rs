@@ -52,7 +52,11 @@ impl Router {
             } else if self.snapshot().gateway.is_none() {
                 degraded = Some("safety: no gateway to the cloud".into());
             } else {
-                let r = self.escalate(query_id, req, &task, Vec::new()).await;
+                // Not relayed (`None`): no relay can break, so the outer error never comes.
+                let r = self
+                    .escalate(query_id, req, &task, Vec::new(), None)
+                    .await
+                    .unwrap_or_else(|super::escalate::RelayBroke(e)| Err(e));
                 let outcome = if r.is_ok() { "ok" } else { "failed" };
                 self.p
                     .metrics

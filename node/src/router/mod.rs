@@ -147,9 +147,10 @@ impl Router {
         Ok(Target::Remote(peers))
     }
 
-    /// Answer a chat request (the collected [`Router::chat_stream`]).
+    /// Answer a chat request (the collected [`Router::chat_stream`]; the cloud
+    /// is asked for a whole answer, whose usage settles the budget exactly).
     pub async fn chat(&self, req: ChatRequest) -> Result<Answer, RouteError> {
-        let mut events = self.chat_stream(req);
+        let mut events = self.events(req, false);
         while let Some(ev) = events.next().await {
             if let ChatEvent::Done(a) = ev? {
                 return Ok(*a);
@@ -160,9 +161,14 @@ impl Router {
         ))
     }
 
-    /// Answer a chat request as a stream of events (see the module docs).
-    /// Dropping the stream abandons the query.
+    /// Answer a chat request as a stream of events (see the module docs); a
+    /// cloud answer streams as the cloud sends it. Dropping the stream abandons
+    /// the query.
     pub fn chat_stream(&self, req: ChatRequest) -> ChatStream {
+        self.events(req, true)
+    }
+
+    fn events(&self, req: ChatRequest, relay_cloud: bool) -> ChatStream {
         let router = self.clone();
         // Kept for the feed only when it may show it.
         let prompt = if self.p.events.shows_prompts() {
@@ -173,7 +179,7 @@ impl Router {
         let t0 = Instant::now();
         Box::pin(async_stream::stream! {
             let (tx, mut rx) = mpsc::channel::<String>(64);
-            let run = router.run(req, tx);
+            let run = router.run(req, tx, relay_cloud);
             tokio::pin!(run);
             let mut streamed = false;
             let mut open = true;
@@ -210,11 +216,19 @@ impl Router {
         })
     }
 
-    /// One query, start to end; local tokens go to `tokens` when they may.
-    async fn run(&self, req: ChatRequest, tokens: mpsc::Sender<String>) -> Result<Answer, RouteError> {
+    /// One query, start to end; local tokens go to `tokens` when they may, and
+    /// with `relay_cloud` the cloud's pieces as they arrive.
+    async fn run(
+        &self,
+        req: ChatRequest,
+        tokens: mpsc::Sender<String>,
+        relay_cloud: bool,
+    ) -> Result<Answer, RouteError> {
         let query_id = self.next_id();
         let span = tracing::info_span!("query", node = %self.p.name, query_id);
-        self.route(query_id, req, tokens).instrument(span).await
+        self.route(query_id, req, tokens, relay_cloud)
+            .instrument(span)
+            .await
     }
 
     async fn route(
@@ -222,7 +236,9 @@ impl Router {
         query_id: u64,
         req: ChatRequest,
         tokens: mpsc::Sender<String>,
+        relay_cloud: bool,
     ) -> Result<Answer, RouteError> {
+        let cloud_tokens = tokens.clone();
         let t0 = Instant::now();
         let handle = match self.target(req.model.as_deref())? {
             Target::Local(h) => h.clone(),
@@ -337,7 +353,22 @@ impl Router {
                 }
                 OutEvent::Escalate(records) => {
                     cloud_tried = true;
-                    let r = self.escalate(query_id, &req, &task, records).await;
+                    let relay = relay_cloud.then_some(&cloud_tokens);
+                    let r = match self.escalate(query_id, &req, &task, records, relay).await {
+                        Ok(r) => r,
+                        Err(escalate::RelayBroke(why)) => {
+                            self.p
+                                .metrics
+                                .escalations
+                                .get_or_create(&OutcomeLabel {
+                                    outcome: "failed".into(),
+                                })
+                                .inc();
+                            return Err(RouteError::Internal(format!(
+                                "the cloud's answer broke off while it was streaming: {why}"
+                            )));
+                        }
+                    };
                     pending.extend(coord.handle(InEvent::Escalated(r)));
                 }
                 OutEvent::Ignored { .. } => {}

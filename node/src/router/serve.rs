@@ -5,10 +5,11 @@
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use libp2p::PeerId;
 use swarm_protocol::{
-    clip_owned, ErrorCode, EscalateReply, EscalateRequest, QueryReply, QueryRequest, QueryResponse,
-    VoteReply, VoteRequest, VoteResponse,
+    clip_owned, ErrorCode, EscalateFrame, EscalateReply, EscalateRequest, QueryReply, QueryRequest,
+    QueryResponse, VoteReply, VoteRequest, VoteResponse,
 };
 use tracing::Instrument;
 
@@ -16,7 +17,7 @@ use super::local::generate_request;
 use super::request::{wire_err, wire_from_inference, ChatParams};
 use super::Router;
 use crate::confidence;
-use crate::network::NetEvent;
+use crate::network::{NetEvent, RelaySink};
 
 impl Router {
     /// Serve one request from a peer in its own task; other events are ignored.
@@ -53,6 +54,10 @@ impl Router {
                     }
                     .instrument(span),
                 );
+            }
+            NetEvent::EscalateStream { peer, req, sink } => {
+                let span = tracing::info_span!("escalation", node = %node, query_id = req.id, %peer);
+                tokio::spawn(r.serve_escalate_stream(peer, req, sink).instrument(span));
             }
             _ => {}
         }
@@ -151,6 +156,34 @@ impl Router {
         match self.p.gateway.call(&req).await {
             Ok(r) => EscalateReply::Ok(r),
             Err(e) => EscalateReply::Err(e),
+        }
+    }
+
+    /// Gateway side, streamed: relay the cloud's pieces to the peer as they
+    /// arrive, then the whole reply. A peer that stops reading ends the relay
+    /// and, with it, the cloud call.
+    pub async fn serve_escalate_stream(self, peer: PeerId, req: EscalateRequest, mut sink: RelaySink) {
+        tracing::debug!(%peer, "streamed escalation request");
+        let view = self.snapshot();
+        if view.gateway.as_ref().map(|g| g.peer.as_str()) != Some(self.me()) {
+            let no = EscalateReply::Err(wire_err(ErrorCode::Unauthorized, "this node is not the gateway"));
+            sink.end(no).await;
+            return;
+        }
+        let mut frames = self.p.gateway.call_stream(&req);
+        while let Some(frame) = frames.next().await {
+            match frame {
+                EscalateFrame::Piece(t) => {
+                    if let Err(e) = sink.piece(&t).await {
+                        tracing::debug!(%peer, "relay ended: {e}");
+                        return;
+                    }
+                }
+                EscalateFrame::End(reply) => {
+                    sink.end(reply).await;
+                    return;
+                }
+            }
         }
     }
 }

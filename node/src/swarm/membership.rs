@@ -167,9 +167,10 @@ impl Membership {
                     self.addrs.push(s);
                 }
             }
-            ev @ (NetEvent::Vote { .. } | NetEvent::Query { .. } | NetEvent::Escalate { .. }) => {
-                (self.p.on_request)(ev)
-            }
+            ev @ (NetEvent::Vote { .. }
+            | NetEvent::Query { .. }
+            | NetEvent::Escalate { .. }
+            | NetEvent::EscalateStream { .. }) => (self.p.on_request)(ev),
             NetEvent::Connected(p) => tracing::debug!("connected to {p}"),
             NetEvent::Disconnected(p) => tracing::debug!("disconnected from {p}"),
             NetEvent::Admitted { .. } | NetEvent::Refused { .. } => tracing::debug!("admission event"),

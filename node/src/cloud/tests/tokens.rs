@@ -141,8 +141,8 @@ async fn reservations_settle_to_the_reported_usage() {
     collect(stream).await;
     assert_eq!(
         left(),
-        before - reserved,
-        "streams report no usage: reservation stands"
+        before - 5_000,
+        "a stream settles to the usage chunk it asked for"
     );
 }
 
@@ -303,4 +303,24 @@ async fn the_budget_writer_saves_changes_in_the_background() {
         .expect("the writer ends with the client")
         .expect("writer task");
     assert_eq!(files_in(dir.path()), vec!["g.cloud-budget.json"]);
+}
+
+#[tokio::test]
+async fn a_streamed_answer_settles_to_the_usage_chunk_it_asked_for() {
+    let mock = Mock::start(None).await;
+    let mut cfg = config(&mock.base_url());
+    cfg.max_tokens_per_call = 100;
+    cfg.max_tokens_per_day = 1_000;
+    let (client, _) = client_with(cfg, None);
+    // Without a usage chunk the reservation stands (the cost is unknown).
+    collect(client.chat_stream(question("1")).await.expect("stream")).await;
+    let reserved = 1_000 - client.status().tokens_left;
+    assert_eq!(reserved, reservation(&question("1"), 100));
+    let body = mock.requests().last().expect("request").body.clone();
+    assert_eq!(body["stream_options"]["include_usage"], json!(true), "{body}");
+    // With one, the call costs what the endpoint says.
+    mock.set(|m| m.usage = Some(json!({"total_tokens": 30})));
+    let items = collect(client.chat_stream(question("2")).await.expect("stream")).await;
+    assert!(items.iter().all(Result::is_ok), "{items:?}");
+    assert_eq!(client.status().tokens_left, 1_000 - reserved - 30);
 }

@@ -203,6 +203,7 @@ impl Actor {
             BehaviourEvent::Identify(_) | BehaviourEvent::Ping(_) => {}
             BehaviourEvent::Limits(never) => match never {},
             BehaviourEvent::Blocked(never) => match never {},
+            BehaviourEvent::Stream(()) => {}
             BehaviourEvent::Auth(ev) => self.auth_event(ev),
             BehaviourEvent::Vote(ev) => {
                 if let Some((peer, req, channel)) = rr_event(ev, &mut self.votes) {
