@@ -341,7 +341,8 @@ async fn sample_rss(nodes: Vec<LocalNode>, stop: Arc<AtomicBool>, peak: Arc<Mute
 /// What the chaos task works on and reports to.
 struct Chaos {
     nodes: Vec<LocalNode>,
-    /// Per node: bumped at each kill and each restart.
+    /// Per node: bumped just before each kill and at each restart, so it is odd
+    /// while the node is killed (dying or down) and not yet restarted.
     kills: Arc<Vec<AtomicU64>>,
     every: Duration,
     down: Duration,
@@ -640,10 +641,21 @@ async fn run(a: BenchLoadArgs) -> anyhow::Result<std::process::ExitCode> {
                     slot.1.clone()
                 };
                 let mut o = one(&c, url, q, max_tokens).await;
-                if matches!(o, Outcome::Error(_) | Outcome::Unreachable)
-                    && kills[n].load(Ordering::SeqCst) != epoch
-                {
+                // Met a node as it was killed: it changed during the request, or
+                // it is killed now (a request sent between the signal and the
+                // process's death fails before the restart).
+                let now = kills[n].load(Ordering::SeqCst);
+                let met_kill = match o {
+                    Outcome::Unreachable => now != epoch,
+                    Outcome::Error(_) => now != epoch || now % 2 == 1,
+                    _ => false,
+                };
+                if met_kill {
                     o = Outcome::Interrupted;
+                }
+                if let Outcome::Error(e) = o {
+                    // When it happened, to set it beside the chaos events.
+                    o = Outcome::Error(format!("{:.1}s {e}", t0.elapsed().as_secs_f64()));
                 }
                 // As a polite client: come back when a refusal says, and do
                 // not spin on a dead node that refuses connections at once.
