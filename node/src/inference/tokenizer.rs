@@ -189,37 +189,44 @@ impl TextTokenizer {
         TokenStream {
             tok: self,
             ids: Vec::new(),
-            emitted: 0,
+            shown: String::new(),
         }
     }
 }
 
-/// Turns a growing list of ids into text increments without splitting UTF-8 characters.
+/// Turns a growing list of ids into text increments without splitting UTF-8
+/// characters. What it has yielded is never taken back: a vocabulary whose later
+/// tokens rewrite earlier text (only malformed ones do: found by fuzzing, an SPM
+/// vocabulary with broken byte tokens) yields nothing more, and its text ends
+/// at what was shown.
 pub struct TokenStream<'a> {
     tok: &'a TextTokenizer,
     ids: Vec<u32>,
-    emitted: usize,
+    shown: String,
 }
 
 impl TokenStream<'_> {
     pub fn push(&mut self, id: u32) -> Result<Option<String>, InferenceError> {
         self.ids.push(id);
         let text = self.tok.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted {
+        // Held back: an incomplete character, nothing new, or a rewrite of what was shown.
+        if text.ends_with('\u{FFFD}') || text.len() <= self.shown.len() || !text.starts_with(&self.shown) {
             return Ok(None);
         }
-        // Decoding may rewrite earlier characters only at a char boundary we
-        // have not emitted yet, so slicing at `emitted` is safe when it is a boundary.
-        if !text.is_char_boundary(self.emitted) {
-            return Ok(None);
-        }
-        let out = text[self.emitted..].to_string();
-        self.emitted = text.len();
+        let out = text[self.shown.len()..].to_string();
+        self.shown.push_str(&out);
         Ok(Some(out))
     }
 
+    /// The whole text: the decoded ids when they extend what was yielded,
+    /// else what was yielded.
     pub fn text(&self) -> Result<String, InferenceError> {
-        self.tok.decode(&self.ids)
+        let text = self.tok.decode(&self.ids)?;
+        if text.starts_with(&self.shown) {
+            Ok(text)
+        } else {
+            Ok(self.shown.clone())
+        }
     }
 }
 
