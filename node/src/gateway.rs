@@ -32,6 +32,13 @@ fn wire_of(e: &CloudError) -> WireError {
     wire(code, e)
 }
 
+fn no_cloud() -> WireError {
+    WireError {
+        code: ErrorCode::NoModel,
+        message: "this node has no cloud access".into(),
+    }
+}
+
 fn deadline_passed() -> WireError {
     WireError {
         code: ErrorCode::Timeout,
@@ -43,6 +50,18 @@ fn wire(code: ErrorCode, e: &CloudError) -> WireError {
     WireError {
         code,
         message: clip_owned(format!("{}: {e}", e.reason()), swarm_protocol::MAX_ERROR_LEN),
+    }
+}
+
+/// The cloud call for an escalation, greedy.
+fn cloud_request(client: &CloudClient, req: &EscalateRequest) -> CloudRequest {
+    CloudRequest {
+        messages: cloud_messages(req),
+        // The peer's number is a wish: never more than this gateway allows
+        // (the client clamps again; doing it here keeps the intent visible).
+        max_tokens: client.config().clamp_max_tokens(req.max_tokens),
+        temperature: 0.0,
+        stop: Vec::new(),
     }
 }
 
@@ -106,20 +125,10 @@ impl Gateway {
     /// Call the cloud model for an escalation; only valid on a node with cloud access.
     pub async fn call(&self, req: &EscalateRequest) -> Result<EscalateResponse, WireError> {
         let Some(client) = &self.cloud else {
-            return Err(WireError {
-                code: ErrorCode::NoModel,
-                message: "this node has no cloud access".into(),
-            });
+            return Err(no_cloud());
         };
         let deadline = Instant::now() + Duration::from_millis(u64::from(req.deadline_ms));
-        let creq = CloudRequest {
-            messages: cloud_messages(req),
-            // The peer's number is a wish: never more than this gateway allows
-            // (the client clamps again; doing it here keeps the intent visible).
-            max_tokens: client.config().clamp_max_tokens(req.max_tokens),
-            temperature: 0.0,
-            stop: Vec::new(),
-        };
+        let creq = cloud_request(client, req);
         let t0 = Instant::now();
         let answer = match tokio::time::timeout(
             deadline.saturating_duration_since(Instant::now()),
@@ -159,18 +168,10 @@ impl Gateway {
         let me = self.me.clone();
         let id = req.id;
         let deadline = Instant::now() + Duration::from_millis(u64::from(req.deadline_ms));
-        let creq = client.as_ref().map(|c| CloudRequest {
-            messages: cloud_messages(req),
-            max_tokens: c.config().clamp_max_tokens(req.max_tokens),
-            temperature: 0.0,
-            stop: Vec::new(),
-        });
+        let creq = client.as_ref().map(|c| cloud_request(c, req));
         async_stream::stream! {
             let (Some(client), Some(creq)) = (client, creq) else {
-                yield EscalateFrame::End(EscalateReply::Err(WireError {
-                    code: ErrorCode::NoModel,
-                    message: "this node has no cloud access".into(),
-                }));
+                yield EscalateFrame::End(EscalateReply::Err(no_cloud()));
                 return;
             };
             let t0 = Instant::now();

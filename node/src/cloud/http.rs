@@ -69,14 +69,23 @@ struct ResponseMessage {
     content: Option<String>,
 }
 
+/// `usage` of an answer or of a stream's usage chunk.
 #[derive(Deserialize)]
-struct Usage {
+pub(super) struct Usage {
     #[serde(default)]
     prompt_tokens: Option<u32>,
     #[serde(default)]
     completion_tokens: Option<u32>,
     #[serde(default)]
     total_tokens: Option<u32>,
+}
+
+impl Usage {
+    /// `total_tokens`, or prompt + completion when only those came.
+    pub(super) fn total(&self) -> Option<u32> {
+        self.total_tokens
+            .or_else(|| self.prompt_tokens?.checked_add(self.completion_tokens?))
+    }
 }
 
 impl Inner {
@@ -238,10 +247,7 @@ impl Inner {
             (None, None) => return Err(CloudError::BadResponse("first choice has no message".to_string())),
         };
         let usage = parsed.usage;
-        let total_tokens = usage.as_ref().and_then(|u| {
-            u.total_tokens
-                .or_else(|| u.prompt_tokens?.checked_add(u.completion_tokens?))
-        });
+        let total_tokens = usage.as_ref().and_then(Usage::total);
         Ok(CloudAnswer {
             text,
             model: parsed

@@ -107,17 +107,7 @@ struct Chunk {
     #[serde(default)]
     error: Option<serde_json::Value>,
     #[serde(default)]
-    usage: Option<ChunkUsage>,
-}
-
-#[derive(Deserialize)]
-struct ChunkUsage {
-    #[serde(default)]
-    prompt_tokens: Option<u32>,
-    #[serde(default)]
-    completion_tokens: Option<u32>,
-    #[serde(default)]
-    total_tokens: Option<u32>,
+    usage: Option<super::http::Usage>,
 }
 
 #[derive(Deserialize)]
@@ -150,10 +140,7 @@ pub(super) fn decode_event(data: &str) -> Result<StreamEvent, CloudError> {
         )));
     }
     let Some(choice) = chunk.choices.into_iter().next() else {
-        let total = chunk.usage.and_then(|u| {
-            u.total_tokens
-                .or_else(|| u.prompt_tokens?.checked_add(u.completion_tokens?))
-        });
+        let total = chunk.usage.as_ref().and_then(super::http::Usage::total);
         if let Some(t) = total {
             return Ok(StreamEvent::Usage(t));
         }

@@ -133,29 +133,27 @@ pub(crate) async fn accept(
     slots: Arc<Semaphore>,
     events: mpsc::Sender<NetEvent>,
 ) {
-    let refuse = |code, msg: &'static str| refusal(code, msg);
-    let reply = if !admitted {
+    let slot = if admitted {
+        slots
+            .try_acquire_owned()
+            .map_err(|_| refusal(ErrorCode::Overloaded, "too many escalations in flight here"))
+    } else {
         tracing::debug!("escalate stream from {peer} (not admitted) refused");
-        Some(refuse(
+        Err(refusal(
             ErrorCode::Unauthorized,
             "not admitted to this swarm: present a valid certificate first",
         ))
-    } else {
-        None
     };
-    let slot = match reply {
-        Some(_) => None,
-        None => slots.try_acquire_owned().ok(),
-    };
-    let Some(slot) = slot else {
-        let reply =
-            reply.unwrap_or_else(|| refuse(ErrorCode::Overloaded, "too many escalations in flight here"));
-        let _ = tokio::time::timeout(FRAME_WRITE, async {
-            write_frame(&mut stream, &EscalateFrame::End(reply)).await?;
-            stream.close().await
-        })
-        .await;
-        return;
+    let slot = match slot {
+        Ok(s) => s,
+        Err(reply) => {
+            let _ = tokio::time::timeout(FRAME_WRITE, async {
+                write_frame(&mut stream, &EscalateFrame::End(reply)).await?;
+                stream.close().await
+            })
+            .await;
+            return;
+        }
     };
     let req = match tokio::time::timeout(REQUEST_READ, read_frame::<_, EscalateRequest>(&mut stream)).await {
         Ok(Ok(r)) => r,
@@ -176,7 +174,7 @@ pub(crate) async fn accept(
     if let Err(e) = events.try_send(NetEvent::EscalateStream { peer, req, sink }) {
         let (mpsc::error::TrySendError::Full(ev) | mpsc::error::TrySendError::Closed(ev)) = e;
         if let NetEvent::EscalateStream { sink, .. } = ev {
-            sink.end(refuse(ErrorCode::Overloaded, "node busy")).await;
+            sink.end(refusal(ErrorCode::Overloaded, "node busy")).await;
         }
     }
 }
