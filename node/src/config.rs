@@ -120,6 +120,8 @@ pub struct RoutingConfig {
     pub embedder: String,
     /// Free-text answers whose embeddings have at least this cosine count as the same answer.
     pub free_similarity: f32,
+    /// What a safety flag does, per harm category.
+    pub safety_policy: crate::safety::SafetyPolicy,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -252,6 +254,7 @@ impl Default for RoutingConfig {
             safety: true,
             embedder: crate::inference::embedder::DEFAULT_EMBEDDER.into(),
             free_similarity: 0.8,
+            safety_policy: crate::safety::SafetyPolicy::default(),
         }
     }
 }
@@ -381,6 +384,10 @@ impl NodeConfig {
                 return bad(format!("routing.{what} must be within 0..=1"));
             }
         }
+        self.routing
+            .safety_policy
+            .validate()
+            .map_err(ConfigError::Invalid)?;
         if self.routing.quorum == 0 {
             return bad("routing.quorum must be at least 1".into());
         }

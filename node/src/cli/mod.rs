@@ -65,8 +65,12 @@ pub(crate) enum Command {
     /// mixed question set, and a table of where each answer came from.
     Demo(demo::DemoArgs),
     /// Run the safety classifier over a labelled prompt set; print precision,
-    /// recall, F1 and per-category counts.
+    /// recall, false-positive rate per category and per source, a threshold
+    /// sweep (`--pr-curve` draws it) and the added latency (`--latency`).
     SafetyEval(safety::SafetyEvalArgs),
+    /// Fit the safety classifier's head (logistic regression on sentence
+    /// embeddings) on labelled prompts, decontaminated against the held-out sets.
+    SafetyTrain(safety::SafetyTrainArgs),
     /// From per-model answer caches: AUROC per confidence signal, Platt fit on one
     /// half, routing simulated on the other (accuracy vs cloud share), thresholds.
     Calibrate(calibrate::CalibrateArgs),
@@ -162,13 +166,14 @@ impl Cli {
             Command::Serve(a) => a.serving.threads,
             Command::BenchVote(a) => a.threads,
             Command::Eval(a) => a.threads,
+            Command::SafetyEval(a) => a.threads,
+            Command::SafetyTrain(a) => a.threads,
             // Each child gets its own --threads; the demo itself computes nothing.
             Command::Demo(_) | Command::BenchLoad(_) => None,
             Command::Models(_)
             | Command::Query(_)
             | Command::Peers(_)
             | Command::Swarm(_)
-            | Command::SafetyEval(_)
             | Command::Calibrate(_)
             | Command::Completions { .. } => None,
         }
@@ -215,6 +220,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(a) => eval::eval(a),
         Command::Demo(a) => demo::demo(a),
         Command::SafetyEval(a) => safety::safety_eval(a),
+        Command::SafetyTrain(a) => safety::safety_train(a),
         Command::Calibrate(a) => calibrate::calibrate(a),
     }
 }

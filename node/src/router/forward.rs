@@ -37,16 +37,31 @@ impl Router {
         let safety = self
             .p
             .semantic
-            .check(self.p.routing.safety, last_user(&req.messages))
+            .check(
+                self.p.routing.safety,
+                &self.p.routing.safety_policy,
+                last_user(&req.messages),
+            )
             .await;
         if safety.flagged {
             self.p.metrics.safety_flags.inc();
+        }
+        if safety.refuses() {
+            let elapsed = t0.elapsed().as_millis() as u64;
+            self.p.metrics.observe_query("refused", elapsed as f64);
+            return Ok(super::request::refusal(
+                self.me(),
+                &self.p.routing.safety_policy.refusal,
+                &task,
+                safety.category.clone(),
+                elapsed,
+            ));
         }
         // A safety-critical query is for the cloud, as on the local path: a
         // peer's small model answers it only when the cloud is not allowed or
         // not available, and the answer then says so.
         let mut degraded: Option<String> = None;
-        if safety.flagged {
+        if safety.escalates() {
             if req.ext.privacy.unwrap_or(self.p.routing.privacy) != Privacy::Cloud {
                 degraded = Some(DegradedReason::SafetyPrivacyForbidsCloud.as_str().into());
             } else if self.snapshot().gateway.is_none() {

@@ -268,10 +268,11 @@ impl Router {
             let s = self
                 .p
                 .semantic
-                .check(routing.safety, last_user(&req.messages))
+                .check(routing.safety, &routing.safety_policy, last_user(&req.messages))
                 .await;
+            // A refused query streams nothing: the local answer is never final.
             let pre = RouteInputs {
-                safety_flag: s.flagged,
+                safety_flag: s.flagged && !matches!(s.action, Some(crate::safety::Action::Answer)),
                 ..inputs
             };
             let _ = release_tx.send(local_is_final(&pre, &thresholds));
@@ -294,7 +295,18 @@ impl Router {
         if safety.flagged {
             metrics.safety_flags.inc();
         }
-        inputs.safety_flag = safety.flagged;
+        if safety.refuses() {
+            let elapsed = t0.elapsed().as_millis() as u64;
+            metrics.observe_query("refused", elapsed as f64);
+            return Ok(request::refusal(
+                self.me(),
+                &routing.safety_policy.refusal,
+                &task,
+                safety.category.clone(),
+                elapsed,
+            ));
+        }
+        inputs.safety_flag = safety.escalates();
         let cfg = CoordinatorConfig {
             voters: routing.voters,
             quorum: routing.quorum,

@@ -224,6 +224,33 @@ impl Provenance {
     }
 }
 
+/// The answer to a query the safety policy refuses: the configured message,
+/// from no model, with route `refused` and `finish_reason` `content_filter`
+/// (OpenAI's name for a filtered answer).
+pub(crate) fn refusal(
+    me: &str,
+    text: &str,
+    task: &Task,
+    category: Option<String>,
+    elapsed_ms: u64,
+) -> Answer {
+    let mut prov = Provenance::answered_by(me, "safety-policy", 1.0, task);
+    prov.route = "refused".into();
+    prov.local_confidence = None;
+    prov.safety_flag = true;
+    prov.safety_category = category;
+    prov.elapsed_ms = elapsed_ms;
+    Answer {
+        text: text.to_string(),
+        model: "safety-policy".into(),
+        finish_reason: "content_filter".into(),
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        tokens: Vec::new(),
+        prov,
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Answer {
     pub text: String,

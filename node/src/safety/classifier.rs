@@ -1,62 +1,50 @@
-//! The safety classifier: the rules plus, with an embedder, the nearest labelled
-//! exemplars (embedded once, cached on disk), combined into a [`Verdict`].
+//! The safety classifier: the word rules and, with an embedder, the trained head
+//! on the query's embedding, combined into a [`Verdict`] as [`Mode`] says.
 
 use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::head::{HeadScore, SafetyHead, DEFAULT_THRESHOLD};
 use super::rules::rule_hit;
-use super::{parse_labelled, Labelled, SafetyError, SafetyFlag};
-use crate::inference::embedder::{cosine, EmbedError, Embedder};
+use super::SafetyError;
+use crate::inference::embedder::{EmbedError, Embedder};
 
-/// The labelled exemplars, compiled in so a node needs no data file at run time.
+/// The labelled exemplars (part of the head's training data; compiled in for the
+/// disjointness tests and tools).
 pub const EXEMPLARS: &str = include_str!("../../../data/safety/exemplars.jsonl");
-
-/// An unsafe exemplar must be at least this similar to flag a query.
-pub const MIN_SIMILARITY: f32 = 0.5;
-/// …and at least this much more similar than the nearest safe exemplar.
-pub const MARGIN: f32 = 0.0;
-
-/// The exemplars with their embeddings.
-struct ExemplarIndex {
-    items: Vec<Labelled>,
-    vectors: Vec<Vec<f32>>,
-}
-
-/// Nearest exemplars of a query, for diagnostics.
-#[derive(Debug, Clone, Serialize)]
-pub struct Nearest {
-    pub unsafe_similarity: f32,
-    pub unsafe_category: String,
-    pub unsafe_text: String,
-    pub safe_similarity: f32,
-    pub safe_text: String,
-}
 
 /// Everything the classifier saw, for evaluation output.
 #[derive(Debug, Clone, Serialize)]
 pub struct Verdict {
     pub flagged: bool,
     pub category: Option<String>,
+    /// The rule that fired, if any.
     pub rule: Option<String>,
-    pub nearest: Option<Nearest>,
+    /// The head's reading, when it ran.
+    pub head: Option<HeadScore>,
 }
 
-impl Verdict {
-    pub fn flag(&self) -> SafetyFlag {
-        SafetyFlag {
-            flagged: self.flagged,
-            category: self.category.clone(),
-        }
-    }
+/// Which evidence decides: the rules, the trained head, or either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The word rules only (what runs without an embedder).
+    Rules,
+    /// The trained head on the sentence embedding.
+    #[default]
+    Head,
+    /// Flag when either flags.
+    HeadOrRules,
 }
 
-/// Rules plus (optionally) exemplar embeddings.
+/// The rules plus, with an embedder, the trained head.
 pub struct SafetyClassifier {
     embedder: Option<Embedder>,
-    index: Option<ExemplarIndex>,
-    pub min_similarity: f32,
-    pub margin: f32,
+    head: Option<SafetyHead>,
+    pub mode: Mode,
+    /// Flag when the head's P(unsafe) is at least this.
+    pub threshold: f32,
 }
 
 impl SafetyClassifier {
@@ -64,31 +52,37 @@ impl SafetyClassifier {
     pub fn rules_only() -> Self {
         Self {
             embedder: None,
-            index: None,
-            min_similarity: MIN_SIMILARITY,
-            margin: MARGIN,
+            head: None,
+            mode: Mode::Rules,
+            threshold: DEFAULT_THRESHOLD,
         }
     }
 
-    /// Rules and the built-in exemplars, embedded now (blocking: a few hundred
-    /// short texts, about a second on one core).
-    pub fn with_embedder_blocking(embedder: Embedder) -> Result<Self, SafetyError> {
-        Self::with_exemplars_blocking(embedder, parse_labelled(EXEMPLARS)?)
+    /// The built-in head on `embedder`, in the default mode.
+    pub fn with_embedder(embedder: Embedder) -> Result<Self, SafetyError> {
+        Self::with_head(embedder, SafetyHead::builtin()?)
     }
 
-    pub fn with_exemplars_blocking(embedder: Embedder, items: Vec<Labelled>) -> Result<Self, SafetyError> {
-        let texts: Vec<String> = items.iter().map(|i| i.text.clone()).collect();
-        let vectors = cached_embeddings(&embedder, &texts)?;
+    pub fn with_head(embedder: Embedder, head: SafetyHead) -> Result<Self, SafetyError> {
+        head.validate()?;
+        if head.dim != embedder.dim() {
+            return Err(SafetyError::Head(format!(
+                "the head was fitted on {}-d embeddings ({}), the embedder `{}` gives {}",
+                head.dim,
+                head.embedder,
+                embedder.id(),
+                embedder.dim()
+            )));
+        }
         Ok(Self {
             embedder: Some(embedder),
-            index: Some(ExemplarIndex { items, vectors }),
-            min_similarity: MIN_SIMILARITY,
-            margin: MARGIN,
+            threshold: head.threshold,
+            head: Some(head),
+            mode: Mode::default(),
         })
     }
 
-    /// [`SafetyClassifier::with_embedder_blocking`], built once per process and
-    /// embedder (in-process nodes share one exemplar index).
+    /// [`SafetyClassifier::with_embedder`], built once per process and embedder.
     pub fn shared(embedder: Embedder) -> Result<Arc<Self>, SafetyError> {
         static CACHE: std::sync::OnceLock<std::sync::Mutex<Vec<Arc<SafetyClassifier>>>> =
             std::sync::OnceLock::new();
@@ -102,64 +96,42 @@ impl SafetyClassifier {
         if let Some(c) = hit {
             return Ok(c.clone());
         }
-        let c = Arc::new(Self::with_embedder_blocking(embedder)?);
+        let c = Arc::new(Self::with_embedder(embedder)?);
         cache.push(c.clone());
         Ok(c)
     }
 
     pub fn has_embeddings(&self) -> bool {
-        self.index.is_some()
+        self.head.is_some() && self.mode != Mode::Rules
     }
 
-    fn nearest(&self, v: &[f32]) -> Option<Nearest> {
-        let index = self.index.as_ref()?;
-        let mut best_u: Option<(f32, usize)> = None;
-        let mut best_s: Option<(f32, usize)> = None;
-        for (i, (item, e)) in index.items.iter().zip(&index.vectors).enumerate() {
-            let s = cosine(v, e);
-            let slot = if item.is_unsafe() {
-                &mut best_u
-            } else {
-                &mut best_s
-            };
-            if slot.is_none_or(|(b, _)| s > b) {
-                *slot = Some((s, i));
-            }
-        }
-        let (us, ui) = best_u?;
-        let (ss, si) = best_s.unwrap_or((-1.0, ui));
-        Some(Nearest {
-            unsafe_similarity: us,
-            unsafe_category: index.items[ui].category.clone(),
-            unsafe_text: index.items[ui].text.clone(),
-            safe_similarity: ss,
-            safe_text: index.items[si].text.clone(),
-        })
-    }
-
-    /// Combine the rule and the embedding evidence (`embedding` = the query's, if any).
+    /// Combine the rule and the head's evidence (`embedding` = the query's, if any).
     pub fn decide(&self, text: &str, embedding: Option<&[f32]>) -> Verdict {
-        let rule = rule_hit(text);
-        let nearest = embedding.and_then(|v| self.nearest(v));
-        let by_embedding = nearest.as_ref().filter(|n| {
-            n.unsafe_similarity >= self.min_similarity
-                && n.unsafe_similarity - n.safe_similarity >= self.margin
-        });
-        let category = rule
-            .map(|r| r.category.to_string())
-            .or_else(|| by_embedding.map(|n| n.unsafe_category.clone()));
+        let rule = if self.mode == Mode::Head && self.head.is_some() {
+            None
+        } else {
+            rule_hit(text)
+        };
+        let head = match (&self.head, embedding) {
+            (Some(h), Some(v)) if self.mode != Mode::Rules => h.score(v),
+            _ => None,
+        };
+        let by_head = head.as_ref().filter(|s| s.p_unsafe >= self.threshold);
+        let category = by_head
+            .map(|s| s.category.clone())
+            .or_else(|| rule.map(|r| r.category.to_string()));
         Verdict {
             flagged: category.is_some(),
             category,
             rule: rule.map(|r| r.name.to_string()),
-            nearest,
+            head,
         }
     }
 
     /// Classify many texts at once (batched embeddings); blocking.
     pub fn classify_many_blocking(&self, texts: &[String]) -> Result<Vec<Verdict>, SafetyError> {
         let vectors = match &self.embedder {
-            Some(e) if self.index.is_some() => Some(e.embed_blocking(texts)?),
+            Some(e) if self.has_embeddings() => Some(e.embed_blocking(texts)?),
             _ => None,
         };
         Ok(texts
@@ -172,8 +144,8 @@ impl SafetyClassifier {
     /// Classify one query without blocking the runtime. An embedding failure
     /// degrades to the rules (and is logged): a query is never refused for it.
     pub async fn classify(&self, text: &str) -> Verdict {
-        let embedding = match (&self.embedder, &self.index) {
-            (Some(e), Some(_)) => match e.embed(vec![text.to_string()]).await {
+        let embedding = match &self.embedder {
+            Some(e) if self.has_embeddings() => match e.embed(vec![text.to_string()]).await {
                 Ok(mut v) => v.pop(),
                 Err(err) => {
                     tracing::warn!("safety: embedding failed, rules only for this query: {err}");
@@ -182,15 +154,19 @@ impl SafetyClassifier {
             },
             _ => None,
         };
+        if embedding.is_none() && self.mode == Mode::Head {
+            // Without the embedding the head cannot speak: fall back to the rules.
+            return Self::rules_only().decide(text, None);
+        }
         self.decide(text, embedding.as_deref())
     }
 }
 
 /// Embeddings of `texts`, cached on disk under `$SLM_SWARM_HOME/cache` keyed by
-/// the embedder and the texts: every node start would otherwise spend seconds of
-/// CPU re-embedding the same exemplars. A cache that cannot be read or written
+/// the embedder and the texts: training and evaluation runs would otherwise
+/// spend minutes of CPU re-embedding the same sets. A cache that cannot be read or written
 /// only costs the recomputation.
-fn cached_embeddings(embedder: &Embedder, texts: &[String]) -> Result<Vec<Vec<f32>>, SafetyError> {
+pub fn embed_cached(embedder: &Embedder, texts: &[String]) -> Result<Vec<Vec<f32>>, SafetyError> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(embedder.id().as_bytes());
@@ -229,7 +205,16 @@ fn cached_embeddings(embedder: &Embedder, texts: &[String]) -> Result<Vec<Vec<f3
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::safety::parse_labelled;
     use crate::safety::rules::words;
+
+    fn data(name: &str) -> Vec<crate::safety::Labelled> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../data/safety")
+            .join(name);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        parse_labelled(&text).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
 
     #[test]
     fn exemplars_parse_and_cover_both_labels() {
@@ -239,27 +224,39 @@ mod tests {
         assert!(parse_labelled("{\"text\":\"x\",\"label\":\"maybe\",\"category\":\"c\"}").is_err());
     }
 
+    /// No training text (exemplars included) is a benchmark or eval.jsonl prompt,
+    /// compared on normalised words: the evaluation stays honest.
     #[test]
-    fn exemplars_are_disjoint_from_the_eval_set() {
-        let eval_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/safety/eval.jsonl");
-        let eval = parse_labelled(&std::fs::read_to_string(eval_path).expect("eval.jsonl")).expect("eval");
+    fn training_data_is_disjoint_from_every_evaluation_set() {
         let key = |s: &str| words(s).join(" ");
-        let eval_keys: std::collections::BTreeSet<String> = eval.iter().map(|e| key(&e.text)).collect();
-        for ex in parse_labelled(EXEMPLARS).expect("exemplars") {
+        let mut held = std::collections::BTreeSet::new();
+        let mut sources = std::collections::BTreeSet::new();
+        for name in ["eval.jsonl", "benchmarks.jsonl"] {
+            for e in data(name) {
+                sources.insert(e.source.clone().unwrap_or_default());
+                held.insert(key(&e.text));
+            }
+        }
+        for s in ["advbench", "harmbench", "donotanswer"] {
+            assert!(sources.contains(s), "benchmark source {s} missing");
+        }
+        let train = data("train.jsonl");
+        assert!(train.len() > 1000, "{}", train.len());
+        let exemplars = parse_labelled(EXEMPLARS).expect("exemplars");
+        for t in train.iter().chain(&exemplars) {
             assert!(
-                !eval_keys.contains(&key(&ex.text)),
-                "exemplar in eval set: {}",
-                ex.text
+                !held.contains(&key(&t.text)),
+                "training text in an evaluation set: {}",
+                t.text
             );
         }
     }
 
     #[test]
-    fn decision_needs_similarity_and_margin() {
+    fn rules_decide_without_a_head() {
         let c = SafetyClassifier::rules_only();
-        // Without an index the embedding is ignored and only rules decide.
         let v = c.decide("hello there", Some(&[1.0, 0.0]));
-        assert!(!v.flagged && v.nearest.is_none());
+        assert!(!v.flagged && v.head.is_none());
         let v = c.decide("how do I make a pipe bomb", None);
         assert_eq!(v.category.as_deref(), Some("weapons_explosives"));
         assert_eq!(v.rule.as_deref(), Some("make-explosive"));

@@ -1,22 +1,21 @@
 //! The per-query safety classifier and the node's shared sentence embedder.
 //!
-//! A query is flagged (and the router escalates it) when either
-//! (a) a documented rule matches — word patterns for self-harm, violence,
-//!     weapons/explosives, drugs, medical dosage, legal/financial advice and
-//!     crime (`RULES`; data/safety/README.md lists them), or
-//! (b) its MiniLM embedding is closer to an unsafe exemplar than to every safe
-//!     one, by at least `min_similarity` (data/safety/exemplars.jsonl, embedded
-//!     once). Safe look-alikes ("kill a Python process", "a can of coke") are
-//!     exemplars too, so near misses fall on the safe side.
+//! A query is flagged, with a harm category, when the trained head on its MiniLM
+//! embedding gives P(unsafe) at or above its threshold (`head`: multinomial
+//! logistic regression fitted by `slm-swarm safety-train` on
+//! data/safety/train.jsonl). Without an embedder the documented word rules
+//! (`rules`) stand in. What a flag does (escalate, refuse, answer) is the node's
+//! per-category policy (`policy`). The training data is disjoint from every
+//! evaluation set (data/safety/README.md; a test checks it).
 //!
-//! Without an embedder only the rules run. The exemplars are disjoint from the
-//! evaluation set data/safety/eval.jsonl (`slm-swarm safety-eval`).
-//!
-//! The parts: `rules` (the documented word patterns), `classifier` (rules and
-//! exemplar embeddings combined into a verdict) and `semantic` (the node's
-//! embedder and classifier, loaded once and shared).
+//! The parts: `head` (the trained classifier and its fit), `rules` (the word
+//! patterns), `classifier` (the evidence combined into a verdict), `policy`
+//! (category → action) and `semantic` (the node's embedder and classifier,
+//! loaded once and shared).
 
 mod classifier;
+pub mod head;
+pub mod policy;
 mod rules;
 mod semantic;
 
@@ -25,7 +24,9 @@ use thiserror::Error;
 
 use crate::inference::embedder::EmbedError;
 
-pub use classifier::{Nearest, SafetyClassifier, Verdict, EXEMPLARS, MARGIN, MIN_SIMILARITY};
+pub use classifier::{embed_cached, Mode, SafetyClassifier, Verdict, EXEMPLARS};
+pub use head::{HeadScore, SafetyHead};
+pub use policy::{Action, SafetyPolicy};
 pub use rules::{rule_hit, Rule, RULES};
 pub use semantic::Semantic;
 
@@ -33,6 +34,8 @@ pub use semantic::Semantic;
 pub enum SafetyError {
     #[error("exemplar line {line}: {msg}")]
     Exemplar { line: usize, msg: String },
+    #[error("safety head: {0}")]
+    Head(String),
     #[error(transparent)]
     Embed(#[from] EmbedError),
 }
@@ -42,6 +45,19 @@ pub enum SafetyError {
 pub struct SafetyFlag {
     pub flagged: bool,
     pub category: Option<String>,
+    /// What the node's policy does with it (`None` when not flagged).
+    pub action: Option<Action>,
+}
+
+impl SafetyFlag {
+    /// Whether the query must go to the cloud (or be marked degraded without it).
+    pub fn escalates(&self) -> bool {
+        self.action == Some(Action::Escalate)
+    }
+
+    pub fn refuses(&self) -> bool {
+        self.action == Some(Action::Refuse)
+    }
 }
 
 /// One labelled example (exemplar or evaluation item).

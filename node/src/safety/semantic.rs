@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio::sync::OnceCell;
 
-use super::{SafetyClassifier, SafetyFlag};
+use super::{SafetyClassifier, SafetyFlag, SafetyPolicy};
 use crate::inference::embedder::Embedder;
 
 /// The node's embedder and safety classifier, loaded once in the background at
@@ -72,7 +72,7 @@ impl Semantic {
             .as_ref()
     }
 
-    /// The safety classifier (rules + exemplars when the embedder is there).
+    /// The safety classifier (the trained head when the embedder is there, else the rules).
     pub async fn classifier(&self) -> Arc<SafetyClassifier> {
         self.classifier
             .get_or_init(|| async {
@@ -83,11 +83,11 @@ impl Semantic {
                 match built {
                     Ok(Ok(c)) => c,
                     Ok(Err(err)) => {
-                        tracing::warn!("safety exemplars not embedded ({err}); rules only");
+                        tracing::warn!("safety head unavailable ({err}); rules only");
                         Arc::new(SafetyClassifier::rules_only())
                     }
                     Err(err) => {
-                        tracing::warn!("safety exemplar task failed ({err}); rules only");
+                        tracing::warn!("safety head task failed ({err}); rules only");
                         Arc::new(SafetyClassifier::rules_only())
                     }
                 }
@@ -96,13 +96,25 @@ impl Semantic {
             .clone()
     }
 
-    /// The safety signal of one query (never flagged when `enabled` is false).
-    /// Async: the embedding runs on the blocking pool, never on the runtime's threads.
-    pub async fn check(&self, enabled: bool, text: &str) -> SafetyFlag {
+    /// The safety signal of one query under the node's `policy` (never flagged
+    /// when `enabled` is false). Async: the embedding runs on the blocking pool,
+    /// never on the runtime's threads.
+    pub async fn check(&self, enabled: bool, policy: &SafetyPolicy, text: &str) -> SafetyFlag {
         if !enabled {
             return SafetyFlag::default();
         }
-        self.classifier().await.classify(text).await.flag()
+        let v = self.classifier().await.classify(text).await;
+        let (flagged, category) = match (policy.threshold, &v.head) {
+            // A configured threshold re-reads the head's probability.
+            (Some(t), Some(h)) if h.p_unsafe >= t => (true, Some(h.category.clone())),
+            (Some(_), Some(_)) => (v.rule.is_some(), v.category.clone().filter(|_| v.rule.is_some())),
+            _ => (v.flagged, v.category.clone()),
+        };
+        SafetyFlag {
+            flagged,
+            action: policy.action(flagged, category.as_deref()),
+            category,
+        }
     }
 
     /// Load both now (spawned at node start so the first query does not pay for it).
