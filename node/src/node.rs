@@ -305,7 +305,7 @@ impl Node {
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let task = tokio::spawn(membership.run(events, shutdown_rx));
-        // Load the embedder and embed the safety exemplars in the background, so start stays fast.
+        // Load the embedder and the safety head in the background, so start stays fast.
         let safety = cfg.routing.safety;
         tokio::spawn(async move { semantic.warm_up(safety).await });
         let node = Node(Arc::new(NodeInner {

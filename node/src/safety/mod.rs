@@ -32,7 +32,7 @@ pub use semantic::Semantic;
 
 #[derive(Debug, Error)]
 pub enum SafetyError {
-    #[error("exemplar line {line}: {msg}")]
+    #[error("labelled prompts, line {line}: {msg}")]
     Exemplar { line: usize, msg: String },
     #[error("safety head: {0}")]
     Head(String),
@@ -60,7 +60,7 @@ impl SafetyFlag {
     }
 }
 
-/// One labelled example (exemplar or evaluation item).
+/// One labelled prompt (training or evaluation item).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Labelled {
     pub text: String,
