@@ -2,14 +2,12 @@
 //! resumable JSONL cache and a report (accuracy, route mix, cloud share, latency).
 
 use std::collections::BTreeSet;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::{json, Value};
@@ -266,16 +264,11 @@ pub(super) fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let mut writer = run::CacheWriter::open(&cache)?;
-    let pb = if std::io::stderr().is_terminal() && !todo.is_empty() {
-        let pb = ProgressBar::new(todo.len() as u64);
-        if let Ok(s) = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} acc {prefix} eta {eta}") {
-            pb.set_style(s);
-        }
-        pb.set_message(format!("{dataset} · {who}"));
-        pb
-    } else {
-        ProgressBar::hidden()
-    };
+    let pb = super::progress_bar(
+        todo.len(),
+        "{msg} [{bar:30}] {pos}/{len} acc {prefix} eta {eta}",
+        format!("{dataset} · {who}"),
+    );
     let mut ok = done.iter().filter(|r| r.correct).count();
     let mut seen = done.len();
     let mut step = |r: EvalRecord, done: &mut Vec<EvalRecord>| -> anyhow::Result<()> {

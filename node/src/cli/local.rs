@@ -1,13 +1,12 @@
 //! Commands that run one local model directly (no node): `generate`, `answer`,
 //! `score` and `bench`.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use swarm_node::eval::dataset::{self, Kind};
 use swarm_node::inference::engine::LoadOptions;
@@ -263,16 +262,11 @@ fn answer_file(
     if qs.is_empty() {
         bail!("{} has no mcq or label questions", file.display());
     }
-    let pb = if std::io::stderr().is_terminal() {
-        let pb = ProgressBar::new(qs.len() as u64);
-        if let Ok(s) = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} eta {eta}") {
-            pb.set_style(s);
-        }
-        pb.set_message(format!("{} {}", be.info().id, scorer.as_str()));
-        pb
-    } else {
-        ProgressBar::hidden()
-    };
+    let pb = super::progress_bar(
+        qs.len(),
+        "{msg} [{bar:30}] {pos}/{len} eta {eta}",
+        format!("{} {}", be.info().id, scorer.as_str()),
+    );
     let mut out = match &a.out {
         Some(p) => Some(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,

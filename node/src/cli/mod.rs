@@ -196,6 +196,21 @@ impl Cli {
     }
 }
 
+/// A progress bar of `len` steps on a terminal (hidden when stderr is not one,
+/// or when there is nothing to do): `template` is indicatif's, `msg` its `{msg}`.
+pub(crate) fn progress_bar(len: usize, template: &str, msg: String) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if len == 0 || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len as u64);
+    if let Ok(s) = indicatif::ProgressStyle::with_template(template) {
+        pb.set_style(s);
+    }
+    pb.set_message(msg);
+    pb
+}
+
 pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Command::Models(ModelsCmd::List { common, json }) => models::list(&common, json),

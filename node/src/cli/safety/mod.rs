@@ -5,11 +5,9 @@
 mod eval;
 mod train;
 
-use std::io::IsTerminal;
 use std::path::Path;
 
 use anyhow::Context;
-use indicatif::{ProgressBar, ProgressStyle};
 use swarm_node::inference::embedder::Embedder;
 use swarm_node::safety::{embed_cached, parse_labelled, Labelled};
 
@@ -27,16 +25,11 @@ fn read_labelled(path: &Path) -> anyhow::Result<Vec<Labelled>> {
 /// Embed `texts` in chunks (each cached on disk), with a progress bar on a terminal.
 fn embed_all(e: &Embedder, texts: &[String], what: &str) -> anyhow::Result<Vec<Vec<f32>>> {
     const CHUNK: usize = 256;
-    let pb = if std::io::stderr().is_terminal() {
-        let pb = ProgressBar::new(texts.len() as u64);
-        if let Ok(s) = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} eta {eta}") {
-            pb.set_style(s);
-        }
-        pb.set_message(format!("embedding {what}"));
-        pb
-    } else {
-        ProgressBar::hidden()
-    };
+    let pb = super::progress_bar(
+        texts.len(),
+        "{msg} [{bar:30}] {pos}/{len} eta {eta}",
+        format!("embedding {what}"),
+    );
     let mut out = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(CHUNK) {
         out.extend(embed_cached(e, chunk)?);
