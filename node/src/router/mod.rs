@@ -272,7 +272,7 @@ impl Router {
                 .await;
             // A refused query streams nothing: the local answer is never final.
             let pre = RouteInputs {
-                safety_flag: s.flagged && !matches!(s.action, Some(crate::safety::Action::Answer)),
+                safety_flag: s.escalates() || s.refuses(),
                 ..inputs
             };
             let _ = release_tx.send(local_is_final(&pre, &thresholds));

@@ -19,10 +19,25 @@ pub const EXEMPLARS: &str = include_str!("../../../data/safety/exemplars.jsonl")
 pub struct Verdict {
     pub flagged: bool,
     pub category: Option<String>,
-    /// The rule that fired, if any.
+    /// The rule that fired, if any, and its category.
     pub rule: Option<String>,
+    pub rule_category: Option<String>,
     /// The head's reading, when it ran.
     pub head: Option<HeadScore>,
+}
+
+impl Verdict {
+    /// The flag's category were the head's threshold `t` (`None` = not flagged):
+    /// the head's category when its P(unsafe) reaches `t`, else the rule's. The
+    /// one decision rule, shared by the classifier, a configured threshold and
+    /// `safety-eval`'s sweep, so none re-embeds or re-decides differently.
+    pub fn category_at(&self, t: f32) -> Option<String> {
+        self.head
+            .as_ref()
+            .filter(|h| h.p_unsafe >= t)
+            .map(|h| h.category.clone())
+            .or_else(|| self.rule_category.clone())
+    }
 }
 
 /// Which evidence decides: the rules, the trained head, or either.
@@ -116,16 +131,16 @@ impl SafetyClassifier {
             (Some(h), Some(v)) if self.mode != Mode::Rules => h.score(v),
             _ => None,
         };
-        let by_head = head.as_ref().filter(|s| s.p_unsafe >= self.threshold);
-        let category = by_head
-            .map(|s| s.category.clone())
-            .or_else(|| rule.map(|r| r.category.to_string()));
-        Verdict {
-            flagged: category.is_some(),
-            category,
+        let mut v = Verdict {
+            flagged: false,
+            category: None,
             rule: rule.map(|r| r.name.to_string()),
+            rule_category: rule.map(|r| r.category.to_string()),
             head,
-        }
+        };
+        v.category = v.category_at(self.threshold);
+        v.flagged = v.category.is_some();
+        v
     }
 
     /// Classify many texts at once (batched embeddings); blocking.
@@ -250,6 +265,34 @@ mod tests {
                 t.text
             );
         }
+    }
+
+    #[test]
+    fn a_verdict_is_re_read_at_another_threshold() {
+        let v = Verdict {
+            flagged: false,
+            category: None,
+            rule: None,
+            rule_category: None,
+            head: Some(HeadScore {
+                p_unsafe: 0.4,
+                category: "privacy".into(),
+            }),
+        };
+        assert_eq!(v.category_at(0.5), None);
+        assert_eq!(v.category_at(0.4).as_deref(), Some("privacy"));
+        // A rule's flag stands whatever the head's threshold.
+        let ruled = Verdict {
+            rule: Some("make-explosive".into()),
+            rule_category: Some("weapons_explosives".into()),
+            ..v
+        };
+        assert_eq!(ruled.category_at(0.9).as_deref(), Some("weapons_explosives"));
+        assert_eq!(
+            ruled.category_at(0.1).as_deref(),
+            Some("privacy"),
+            "the head's category first"
+        );
     }
 
     #[test]

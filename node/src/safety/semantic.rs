@@ -104,12 +104,12 @@ impl Semantic {
             return SafetyFlag::default();
         }
         let v = self.classifier().await.classify(text).await;
-        let (flagged, category) = match (policy.threshold, &v.head) {
-            // A configured threshold re-reads the head's probability.
-            (Some(t), Some(h)) if h.p_unsafe >= t => (true, Some(h.category.clone())),
-            (Some(_), Some(_)) => (v.rule.is_some(), v.category.clone().filter(|_| v.rule.is_some())),
-            _ => (v.flagged, v.category.clone()),
+        // A configured threshold re-reads the head's probability.
+        let category = match policy.threshold {
+            Some(t) => v.category_at(t),
+            None => v.category,
         };
+        let flagged = category.is_some();
         SafetyFlag {
             flagged,
             action: policy.action(flagged, category.as_deref()),

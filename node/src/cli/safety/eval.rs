@@ -133,23 +133,13 @@ struct SweepPoint {
     counts: Counts,
 }
 
-/// The flag a verdict gives at threshold `t` (the head's probability re-read).
-fn flagged_at(v: &Verdict, mode: Mode, t: f32) -> bool {
-    let by_head = v.head.as_ref().is_some_and(|h| h.p_unsafe >= t);
-    match (mode, &v.head) {
-        (Mode::Rules, _) | (_, None) => v.flagged,
-        (Mode::Head, Some(_)) => by_head,
-        (Mode::HeadOrRules, Some(_)) => by_head || v.rule.is_some(),
-    }
-}
-
-fn sweep(items: &[Labelled], verdicts: &[Verdict], mode: Mode) -> Vec<SweepPoint> {
+fn sweep(items: &[Labelled], verdicts: &[Verdict]) -> Vec<SweepPoint> {
     (1..100)
         .map(|i| i as f32 / 100.0)
         .map(|t| {
             let mut c = Counts::default();
             for (item, v) in items.iter().zip(verdicts) {
-                c.add(item.is_unsafe(), flagged_at(v, mode, t));
+                c.add(item.is_unsafe(), v.category_at(t).is_some());
             }
             SweepPoint {
                 threshold: t,
@@ -251,7 +241,7 @@ pub(crate) fn safety_eval(a: SafetyEvalArgs) -> anyhow::Result<ExitCode> {
     }
     let has_head = classifier.has_embeddings();
     let points = if has_head {
-        sweep(&items, &verdicts, classifier.mode)
+        sweep(&items, &verdicts)
     } else {
         Vec::new()
     };
