@@ -82,6 +82,10 @@ pub struct NodeConfig {
     pub ui: UiConfig,
     /// Present only on nodes that may call a cloud model.
     pub cloud: Option<CloudConfig>,
+    /// The escalation log (`[dataset]`): opt-in.
+    pub dataset: crate::dataset::DatasetConfig,
+    /// The eval gate (`[gate]`): which models this node may advertise.
+    pub gate: crate::gate::GateConfig,
 }
 
 /// A keyed swarm's join token, this node's certificate and a revocation list.
@@ -237,6 +241,8 @@ impl Default for NodeConfig {
             api: ApiConfig::default(),
             ui: UiConfig::default(),
             cloud: None,
+            dataset: crate::dataset::DatasetConfig::default(),
+            gate: crate::gate::GateConfig::default(),
         }
     }
 }

@@ -183,6 +183,7 @@ mod tests {
             elapsed_ms: 5,
             inference_ms: None,
             error: None,
+            model_version: String::new(),
         }];
         Answer {
             text: text.into(),

@@ -250,6 +250,11 @@ impl Node {
                 per_peer: cfg.remote_per_peer,
                 ..WorkerOptions::default()
             },
+            crate::served::GatePolicy {
+                cfg: cfg.gate.clone(),
+                dir: cfg.gate.dir(&crate::models::home_dir()),
+                me: me.clone(),
+            },
         ));
         let name = cfg.display_name();
         let cloud = opts.cloud.as_ref().map(|c| c.to_string());
@@ -265,6 +270,12 @@ impl Node {
         let metrics = Arc::new(Metrics::new());
         let feed = Arc::new(Events::new(cfg.ui.show_prompts));
         let (unreachable_tx, unreachable_rx) = tokio::sync::mpsc::channel(64);
+        let dataset = crate::dataset::DatasetLog::open(&cfg.dataset, &crate::models::home_dir())
+            .map_err(|e| NodeError::Config(e.to_string()))?
+            .map(Arc::new);
+        if let Some(d) = &dataset {
+            tracing::info!("escalation log: {}", d.dir().display());
+        }
         let router = Router::new(RouterParts {
             me: me.clone(),
             name: name.clone(),
@@ -280,6 +291,7 @@ impl Node {
             metrics: metrics.clone(),
             events: feed.clone(),
             unreachable: unreachable_tx,
+            dataset,
         });
         let serving = router.clone();
         let membership = Membership::new(MembershipParts {

@@ -1,42 +1,175 @@
 //! The models this node serves: one worker handle per model, the default model,
-//! and each model's measured decode speed. Shared by the router (which answers
-//! with them) and the membership task (which advertises their cards and load).
+//! each model's weights hash and version, its gate verdict (advertised or
+//! not), and its measured decode speed. Shared by the router (which answers
+//! with them) and the membership task (which advertises their cards and
+//! load). A model can be replaced while serving ([`LocalModels::swap`]):
+//! requests already holding the old handle finish on it.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
 
 use swarm_protocol::ModelCard;
 
+use crate::gate::{GateConfig, Verdict};
 use crate::inference::{Backend, ModelHandle, WorkerOptions};
 
+/// One served model.
+#[derive(Clone)]
+struct Served {
+    handle: ModelHandle,
+    sha256: String,
+    version: String,
+    verdict: Verdict,
+}
+
+/// How a node decides which of its models to advertise.
+#[derive(Debug, Clone, Default)]
+pub struct GatePolicy {
+    pub cfg: GateConfig,
+    /// Where gate records are.
+    pub dir: PathBuf,
+    /// This node's peer id (its own records are always trusted).
+    pub me: String,
+}
+
+impl GatePolicy {
+    /// The verdict for a model file with this sha256.
+    pub fn verdict(&self, sha256: &str) -> Verdict {
+        if !self.cfg.enabled() {
+            return Verdict::ungated();
+        }
+        let records = crate::gate::records_for(&self.dir, sha256);
+        crate::gate::decide(&self.cfg, &self.me, sha256, &records)
+    }
+}
+
+/// What `/v1/models` and the page say about a local model.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelStatus {
+    pub id: String,
+    pub sha256: String,
+    pub version: String,
+    pub advertised: bool,
+    pub gate: Verdict,
+}
+
+/// sha256 (hex) of a file, streamed. Model files are large: a cache under
+/// `$SLM_SWARM_HOME` keyed by path, size and mtime makes a restart cheap.
+pub fn file_sha256(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let meta = std::fs::metadata(path)?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let key = format!(
+        "{}|{}|{mtime}",
+        std::fs::canonicalize(path)?.display(),
+        meta.len()
+    );
+    let cache_path = crate::models::home_dir().join("hashes.json");
+    let mut cache: BTreeMap<String, String> = std::fs::read_to_string(&cache_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    if let Some(h) = cache.get(&key) {
+        return Ok(h.clone());
+    }
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let h = hex::encode(hasher.finalize());
+    // Only files large enough to matter are cached (tests write many tiny ones).
+    if meta.len() >= 8 << 20 {
+        cache.insert(key, h.clone());
+        if let Ok(t) = serde_json::to_string(&cache) {
+            let _ = std::fs::create_dir_all(crate::models::home_dir());
+            let _ = std::fs::write(&cache_path, t);
+        }
+    }
+    Ok(h)
+}
+
+/// The version a model file is served as: its sha256's first 12 hex digits.
+pub fn version_of(sha256: &str) -> String {
+    sha256.chars().take(12).collect()
+}
+
+/// The weights hash of a backend's file ("" for a model without one, e.g. a stand-in).
+pub fn backend_sha256(b: &dyn Backend) -> String {
+    let path = &b.info().path;
+    if path.is_empty() {
+        return String::new();
+    }
+    match file_sha256(Path::new(path)) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!("cannot hash {path}: {e}; the model is served unversioned");
+            String::new()
+        }
+    }
+}
+
 pub struct LocalModels {
-    handles: BTreeMap<String, ModelHandle>,
+    served: RwLock<BTreeMap<String, Served>>,
     default: String,
+    opts: WorkerOptions,
+    gate: GatePolicy,
     /// Measured decode speed per model (tokens/s), advertised to peers.
     tok_s: Mutex<BTreeMap<String, f32>>,
 }
 
 impl LocalModels {
     /// Starts a worker per backend; the first backend is the default model.
-    pub fn spawn(backends: Vec<Box<dyn Backend>>, opts: WorkerOptions) -> Self {
-        let mut handles = BTreeMap::new();
+    pub fn spawn(backends: Vec<Box<dyn Backend>>, opts: WorkerOptions, gate: GatePolicy) -> Self {
+        let mut served = BTreeMap::new();
         let mut default = String::new();
         for b in backends {
             let id = b.info().id.clone();
             if default.is_empty() {
                 default = id.clone();
             }
-            handles.insert(id, ModelHandle::spawn(b, opts.clone()));
+            let sha256 = backend_sha256(b.as_ref());
+            let verdict = gate.verdict(&sha256);
+            if let Some(why) = &verdict.reason {
+                tracing::warn!("model {id} is served here but not advertised: {why}");
+            }
+            served.insert(
+                id,
+                Served {
+                    handle: ModelHandle::spawn(b, opts.clone()),
+                    version: version_of(&sha256),
+                    sha256,
+                    verdict,
+                },
+            );
         }
         Self {
-            handles,
+            served: RwLock::new(served),
             default,
+            opts,
+            gate,
             tok_s: Mutex::new(BTreeMap::new()),
         }
     }
 
-    pub fn get(&self, id: &str) -> Option<&ModelHandle> {
-        self.handles.get(id)
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Served>> {
+        self.served.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, id: &str) -> Option<ModelHandle> {
+        self.read().get(id).map(|s| s.handle.clone())
     }
 
     /// The default model's id ("" when the node serves none).
@@ -44,25 +177,63 @@ impl LocalModels {
         &self.default
     }
 
-    pub fn default_handle(&self) -> Option<&ModelHandle> {
-        self.handles.get(&self.default)
+    pub fn default_handle(&self) -> Option<ModelHandle> {
+        self.get(&self.default)
     }
 
-    pub fn ids(&self) -> impl Iterator<Item = &String> {
-        self.handles.keys()
+    pub fn ids(&self) -> Vec<String> {
+        self.read().keys().cloned().collect()
+    }
+
+    /// The version of `id` served now ("" when unversioned).
+    pub fn version(&self, id: &str) -> String {
+        self.read().get(id).map(|s| s.version.clone()).unwrap_or_default()
+    }
+
+    pub fn gate(&self) -> &GatePolicy {
+        &self.gate
+    }
+
+    pub fn status(&self) -> Vec<ModelStatus> {
+        self.read()
+            .iter()
+            .map(|(id, s)| ModelStatus {
+                id: id.clone(),
+                sha256: s.sha256.clone(),
+                version: s.version.clone(),
+                advertised: s.verdict.advertise && s.handle.healthy(),
+                gate: s.verdict.clone(),
+            })
+            .collect()
     }
 
     pub fn len(&self) -> usize {
-        self.handles.len()
+        self.read().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
+        self.read().is_empty()
     }
 
     /// Requests queued or running over all models.
     pub fn load(&self) -> usize {
-        self.handles.values().map(|m| m.load()).sum()
+        self.read().values().map(|m| m.handle.load()).sum()
+    }
+
+    /// Serve `backend` as its id, replacing the version served now (if any):
+    /// new requests go to it at once; requests that already hold the old
+    /// handle finish on the old worker, which stops when the last is done.
+    /// Returns the replaced version.
+    pub fn swap(&self, backend: Box<dyn Backend>, sha256: String, verdict: Verdict) -> Option<String> {
+        let id = backend.info().id.clone();
+        let new = Served {
+            handle: ModelHandle::spawn(backend, self.opts.clone()),
+            version: version_of(&sha256),
+            sha256,
+            verdict,
+        };
+        let mut map = self.served.write().unwrap_or_else(|p| p.into_inner());
+        map.insert(id, new).map(|old| old.version)
     }
 
     /// Record a measured decode speed for the advert (exponential average).
@@ -77,15 +248,16 @@ impl LocalModels {
         }
     }
 
-    /// This node's model cards, as advertised: the healthy models only (a
-    /// model whose worker keeps panicking is withdrawn, see `ModelHandle::healthy`).
+    /// This node's model cards, as advertised: the healthy models that passed
+    /// their gate (a model whose worker keeps panicking is withdrawn, see
+    /// `ModelHandle::healthy`).
     pub fn cards(&self) -> Vec<ModelCard> {
         let speeds = self.tok_s.lock().map(|m| m.clone()).unwrap_or_default();
-        self.handles
+        self.read()
             .values()
-            .filter(|h| h.healthy())
-            .map(|h| {
-                let i = h.info();
+            .filter(|s| s.handle.healthy() && s.verdict.advertise)
+            .map(|s| {
+                let i = s.handle.info();
                 ModelCard {
                     id: i.id.clone(),
                     arch: i.arch.clone(),
@@ -99,6 +271,8 @@ impl LocalModels {
                         .cloned()
                         .collect(),
                     tok_s: speeds.get(&i.id).copied().unwrap_or(0.0),
+                    sha256: s.sha256.clone(),
+                    version: s.version.clone(),
                 }
             })
             .collect()

@@ -191,6 +191,8 @@ mod tests {
                 ctx: 8192,
                 domains: vec!["general".into(), "science".into()],
                 tok_s: 33.5,
+                sha256: String::new(),
+                version: String::new(),
             }],
             capacity: Capacity {
                 cores: 2,
@@ -293,6 +295,7 @@ mod tests {
             model: "smollm2-135m".into(),
             tokens: 4,
             elapsed_ms: 310,
+            model_version: String::new(),
         }));
         round_trip(&VoteReply::Err(WireError {
             code: ErrorCode::Overloaded,

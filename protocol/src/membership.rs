@@ -581,6 +581,8 @@ mod tests {
             ctx: 1,
             domains: vec![],
             tok_s: 1.0,
+            sha256: String::new(),
+            version: String::new(),
         });
         // Too soon after the last advert: deferred to the next tick, not dropped.
         assert!(publishes(&m.handle(InEvent::Local(with_model.clone()), 100)).is_empty());

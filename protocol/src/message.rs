@@ -191,6 +191,13 @@ pub struct ModelCard {
     pub ctx: u32,
     pub domains: Vec<String>,
     pub tok_s: f32,
+    /// sha256 of the model file (hex), empty when the model has no file.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sha256: String,
+    /// The served version of `id` (by default the sha256's first 12 hex digits):
+    /// peers and votes name which one answered.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -228,7 +235,16 @@ impl Validate for ModelCard {
         for d in &self.domains {
             check_str("model.domains[]", d, MAX_DOMAIN_LEN)?;
         }
-        check_f32("model.tok_s", self.tok_s, 0.0, 1.0e6)
+        check_f32("model.tok_s", self.tok_s, 0.0, 1.0e6)?;
+        if !self.sha256.is_empty()
+            && (self.sha256.len() != 64 || !self.sha256.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(ValidationError::Invalid {
+                field: "model.sha256",
+                reason: "64 hex digits or empty",
+            });
+        }
+        check_str("model.version", &self.version, MAX_VERSION_LEN)
     }
 }
 
@@ -439,6 +455,9 @@ pub struct VoteResponse {
     pub model: String,
     pub tokens: u32,
     pub elapsed_ms: u32,
+    /// Which version of `model` answered (its advertised `version`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model_version: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -465,7 +484,8 @@ impl Validate for VoteResponse {
         check_str("answer", &self.answer, MAX_ANSWER_BYTES)?;
         check_str("normalized", &self.normalized, MAX_ANSWER_BYTES)?;
         check_f32("confidence", self.confidence, 0.0, 1.0)?;
-        check_id("model", &self.model, MAX_MODEL_ID_LEN)
+        check_id("model", &self.model, MAX_MODEL_ID_LEN)?;
+        check_str("model_version", &self.model_version, MAX_VERSION_LEN)
     }
 }
 
@@ -672,6 +692,8 @@ mod tests {
                 ctx: 2048,
                 domains: vec!["general".into()],
                 tok_s: 73.0,
+                sha256: String::new(),
+                version: String::new(),
             }],
             capacity: Capacity {
                 cores: 4,

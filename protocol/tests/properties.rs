@@ -102,6 +102,8 @@ fn advert() -> impl Strategy<Value = Advert> {
             ctx,
             domains,
             tok_s,
+            sha256: String::new(),
+            version: String::new(),
         });
     (
         id(MAX_PEER_ID_LEN),
@@ -181,6 +183,7 @@ fn vote_reply() -> impl Strategy<Value = VoteReply> {
                     model,
                     tokens,
                     elapsed_ms: tokens,
+                    model_version: String::new(),
                 })
             ),
         wire_error().prop_map(VoteReply::Err),
@@ -366,6 +369,8 @@ fn examples() -> Vec<(&'static str, Vec<u8>)> {
             ctx: 2048,
             domains: vec!["general".into()],
             tok_s: 40.5,
+            sha256: String::new(),
+            version: String::new(),
         }],
         capacity: Capacity {
             cores: 2,
@@ -419,6 +424,7 @@ fn examples() -> Vec<(&'static str, Vec<u8>)> {
                 model: "smollm2-135m".into(),
                 tokens: 1,
                 elapsed_ms: 20,
+                model_version: String::new(),
             }))),
         ),
         ("vote-error.cbor", enc(encode_msg(&VoteReply::Err(err.clone())))),

@@ -289,24 +289,38 @@ async fn stream_response(node: Node, req: ChatRequest, id: String) -> Result<Sse
     Ok(Sse::new(Box::pin(s) as EventStream).keep_alive(KeepAlive::default()))
 }
 
+/// `GET /v1/models`: every model this node or a peer serves, with who serves
+/// which version (sha256 of the weights); this node's own models also say
+/// whether they are advertised and their gate verdict.
 async fn models(State(node): State<Node>) -> Json<Value> {
     let view = node.snapshot();
-    let mut by_model: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut by_model: std::collections::BTreeMap<String, (Vec<String>, Vec<Value>)> = Default::default();
     let me = node.peer_id.to_string();
-    for id in node.models.ids() {
-        by_model.entry(id.clone()).or_default().push(me.clone());
+    let mut local = std::collections::BTreeMap::new();
+    for s in node.models.status() {
+        let e = by_model.entry(s.id.clone()).or_default();
+        e.0.push(me.clone());
+        e.1.push(json!({"peer": me, "version": s.version, "sha256": s.sha256}));
+        local.insert(s.id.clone(), s);
     }
     for p in &view.peers {
         for m in &p.advert.models {
-            by_model
-                .entry(m.id.clone())
-                .or_default()
-                .push(p.advert.peer.clone());
+            let e = by_model.entry(m.id.clone()).or_default();
+            e.0.push(p.advert.peer.clone());
+            e.1.push(json!({"peer": p.advert.peer, "version": m.version, "sha256": m.sha256}));
         }
     }
     let data: Vec<Value> = by_model
         .into_iter()
-        .map(|(id, peers)| json!({"id": id, "object": "model", "created": 0, "owned_by": "slm-swarm", "peers": peers}))
+        .map(|(id, (peers, versions))| {
+            let mut v = json!({"id": id, "object": "model", "created": 0, "owned_by": "slm-swarm",
+                               "peers": peers, "versions": versions});
+            if let Some(s) = local.get(&id) {
+                v["local"] = json!({"version": s.version, "sha256": s.sha256,
+                                    "advertised": s.advertised, "gate": s.gate});
+            }
+            v
+        })
         .collect();
     Json(json!({"object": "list", "data": data}))
 }
@@ -319,7 +333,7 @@ fn peer_json(a: &swarm_protocol::Advert) -> Value {
         "addrs": a.addrs,
         "models": a.models.iter().map(|m| json!({
             "id": m.id, "arch": m.arch, "params": m.params, "quant": m.quant, "ctx": m.ctx,
-            "domains": m.domains, "tok_s": m.tok_s,
+            "domains": m.domains, "tok_s": m.tok_s, "version": m.version, "sha256": m.sha256,
         })).collect::<Vec<_>>(),
         "capacity": {
             "cores": a.capacity.cores, "cpu_load": a.capacity.cpu_load, "mem_free_mb": a.capacity.mem_free_mb,
@@ -390,7 +404,7 @@ async fn healthz(State(node): State<Node>) -> Json<Value> {
         "status": "ok",
         "peer_id": node.peer_id.to_string(),
         "name": node.name,
-        "models": node.models.ids().collect::<Vec<_>>(),
+        "models": node.models.ids(),
         "peers": view.peers.len(),
         "uptime_s": node.started.elapsed().as_secs(),
     }))
@@ -417,7 +431,8 @@ fn swarm_gauges(node: &Node) -> SwarmGauges {
         models: node
             .models
             .ids()
-            .filter_map(|id| node.models.get(id).map(|h| (id.clone(), h.load())))
+            .into_iter()
+            .filter_map(|id| node.models.get(&id).map(|h| (id.clone(), h.load())))
             // One worker thread per model runs one job; the rest wait.
             .map(|(id, load)| (id, load.saturating_sub(1), load))
             .collect(),

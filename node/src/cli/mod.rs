@@ -1,6 +1,7 @@
 //! Command-line interface: argument definitions and dispatch.
 
 mod calibrate;
+mod dataset;
 mod demo;
 mod duration;
 mod eval;
@@ -74,6 +75,10 @@ pub(crate) enum Command {
     /// From per-model answer caches: AUROC per confidence signal, Platt fit on one
     /// half, routing simulated on the other (accuracy vs cloud share), thresholds.
     Calibrate(calibrate::CalibrateArgs),
+    /// The escalation log: what the cloud answered for the swarm, as data to
+    /// improve the small models (`dataset stats`, `dataset export`).
+    #[command(subcommand)]
+    Dataset(dataset::DatasetCmd),
     /// Print a shell completion script, e.g. `slm-swarm completions bash >
     /// ~/.local/share/bash-completion/completions/slm-swarm`.
     Completions {
@@ -109,6 +114,10 @@ pub(crate) enum ModelsCmd {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Evaluate a model (e.g. a newly distilled GGUF) on a file and record a
+    /// signed result per task kind; a node with `[gate] min_accuracy` advertises
+    /// a model only when its result meets that bar. Exits 1 when it fails the bar.
+    Gate(models::GateArgs),
 }
 
 /// Options shared by commands that find models.
@@ -158,6 +167,7 @@ impl Cli {
     /// The compute thread count requested by the command, if any.
     pub(crate) fn threads(&self) -> Option<usize> {
         match &self.cmd {
+            Command::Models(ModelsCmd::Gate(a)) => a.threads,
             Command::Generate(a) => a.local.threads,
             Command::Answer(a) => a.local.threads,
             Command::Score(a) => a.local.threads,
@@ -175,6 +185,7 @@ impl Cli {
             | Command::Peers(_)
             | Command::Swarm(_)
             | Command::Calibrate(_)
+            | Command::Dataset(_)
             | Command::Completions { .. } => None,
         }
     }
@@ -216,6 +227,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Models(ModelsCmd::List { common, json }) => models::list(&common, json),
         Command::Models(ModelsCmd::Pull { common, ids }) => models::pull(&common, &ids),
         Command::Models(ModelsCmd::Rm { common, ids }) => models::rm(&common, &ids),
+        Command::Models(ModelsCmd::Gate(a)) => models::gate(a),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "slm-swarm", &mut std::io::stdout());
@@ -237,5 +249,6 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::SafetyEval(a) => safety::safety_eval(a),
         Command::SafetyTrain(a) => safety::safety_train(a),
         Command::Calibrate(a) => calibrate::calibrate(a),
+        Command::Dataset(c) => dataset::run(c),
     }
 }

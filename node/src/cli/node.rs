@@ -299,10 +299,7 @@ pub(super) fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
         }
         println!("slm-swarm node `{}` started", node.name);
         println!("peer id: {}", node.peer_id);
-        println!(
-            "models: {}",
-            node.models.ids().cloned().collect::<Vec<_>>().join(", ")
-        );
+        println!("models: {}", node.models.ids().join(", "));
         println!("namespace: {}", node.cfg.namespace);
         match &node.admission {
             Some(a) => println!(

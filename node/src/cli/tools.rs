@@ -183,10 +183,7 @@ pub(super) fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
             cloud: None,
         })
         .await?;
-        println!(
-            "slm-swarm serve: {}",
-            node.models.ids().cloned().collect::<Vec<_>>().join(", ")
-        );
+        println!("slm-swarm serve: {}", node.models.ids().join(", "));
         println!("peer id: {}", node.peer_id);
         println!("http: http://{local}");
         println!("OpenAI base URL: http://{local}/v1");

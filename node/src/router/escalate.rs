@@ -11,9 +11,12 @@ use std::time::{Duration, Instant};
 use futures::{Stream, StreamExt};
 use libp2p::PeerId;
 use swarm_protocol::query::CloudAnswer;
-use swarm_protocol::{ErrorCode, EscalateFrame, EscalateReply, EscalateRequest, Task, VoterRecord};
+use swarm_protocol::{
+    ErrorCode, EscalateFrame, EscalateReply, EscalateRequest, EscalateResponse, Task, VoterRecord,
+};
 use tokio::sync::mpsc;
 
+use crate::dataset::{CloudRecord, DatasetLog, Record, Signals, SwarmAnswer};
 use crate::network::NetError;
 
 use super::request::{remaining, wire_deadline, ChatRequest};
@@ -154,6 +157,95 @@ impl Router {
             }
         }
         Ok(Err(format!("cloud unavailable: {last}")))
+    }
+}
+
+impl Router {
+    /// Log this node's own escalated query (with `[dataset]` on and a privacy
+    /// that allows it): the swarm's answers, the signals and the cloud's answer.
+    pub(super) fn record_escalation(
+        &self,
+        query_id: u64,
+        req: &ChatRequest,
+        task: &Task,
+        prov: &super::Provenance,
+        voters: &[super::VoterView],
+        cloud: &CloudAnswer,
+    ) {
+        let Some(log) = &self.p.dataset else {
+            return;
+        };
+        if !DatasetLog::allows(req.ext.privacy.unwrap_or(self.p.routing.privacy)) {
+            return;
+        }
+        log.record(&Record {
+            ts_ms: crate::swarm::membership::wall_ms(),
+            query_id,
+            recorded_by: self.me().to_string(),
+            role: "coordinator".into(),
+            origin: self.me().to_string(),
+            task: task.clone(),
+            messages: req.messages.clone(),
+            swarm: voters
+                .iter()
+                .map(|v| SwarmAnswer {
+                    peer: v.peer.clone(),
+                    model: v.model.clone(),
+                    model_version: v.model_version.clone(),
+                    answer: v.answer.clone(),
+                    confidence: v.confidence,
+                    error: v.error.clone(),
+                })
+                .collect(),
+            cloud: CloudRecord {
+                model: cloud.model.clone(),
+                text: cloud.text.clone(),
+                gateway: cloud.gateway.clone(),
+                cloud_ms: u64::from(cloud.cloud_ms),
+            },
+            signals: Signals {
+                local_confidence: prov.local_confidence,
+                agreement: prov.agreement,
+                safety_flag: prov.safety_flag,
+                safety_category: prov.safety_category.clone(),
+            },
+        });
+    }
+
+    /// Gateway side: log a peer's escalation the cloud answered. Only `cloud`
+    /// privacy is ever escalated, so no further check is needed here.
+    pub(super) fn record_served_escalation(&self, origin: &str, req: &EscalateRequest, r: &EscalateResponse) {
+        let Some(log) = &self.p.dataset else {
+            return;
+        };
+        log.record(&Record {
+            ts_ms: crate::swarm::membership::wall_ms(),
+            query_id: req.id,
+            recorded_by: self.me().to_string(),
+            role: "gateway".into(),
+            origin: origin.to_string(),
+            task: req.task.clone(),
+            messages: req.messages.clone(),
+            swarm: req
+                .swarm_answers
+                .iter()
+                .map(|v| SwarmAnswer {
+                    peer: v.peer.clone(),
+                    model: v.model.clone(),
+                    model_version: String::new(),
+                    answer: Some(v.answer.clone()),
+                    confidence: Some(v.confidence),
+                    error: v.error.clone(),
+                })
+                .collect(),
+            cloud: CloudRecord {
+                model: r.model.clone(),
+                text: r.text.clone(),
+                gateway: r.gateway.clone(),
+                cloud_ms: u64::from(r.cloud_ms),
+            },
+            signals: Signals::default(),
+        });
     }
 }
 

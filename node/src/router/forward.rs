@@ -30,7 +30,7 @@ impl Router {
             return Err(RouteError::BadRequest(format!(
                 "model `{model}` is served only by peers, and privacy `device` keeps this request on \
                  this device: ask one of this node's models ({}), or allow privacy `swarm`",
-                self.p.models.ids().cloned().collect::<Vec<_>>().join(", ")
+                self.p.models.ids().join(", ")
             )));
         }
         let task = req.task();

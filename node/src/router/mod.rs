@@ -70,6 +70,8 @@ pub struct RouterParts {
     pub events: Arc<Events>,
     /// Tells the membership task a peer could not be reached (it drops it at once).
     pub unreachable: mpsc::Sender<String>,
+    /// The escalation log, when `[dataset]` is enabled.
+    pub dataset: Option<Arc<crate::dataset::DatasetLog>>,
 }
 
 /// Runs queries for this node and serves its peers' requests. Cheap to clone.
@@ -83,8 +85,8 @@ pub struct Router {
 pub type ChatStream = std::pin::Pin<Box<dyn Stream<Item = Result<ChatEvent, RouteError>> + Send>>;
 
 /// Resolve the requested model: a local handle, or the peers that serve it.
-pub enum Target<'a> {
-    Local(&'a ModelHandle),
+pub enum Target {
+    Local(ModelHandle),
     Remote(Vec<String>),
 }
 
@@ -120,7 +122,7 @@ impl Router {
         &self.p.semantic
     }
 
-    pub fn target(&self, model: Option<&str>) -> Result<Target<'_>, RouteError> {
+    pub fn target(&self, model: Option<&str>) -> Result<Target, RouteError> {
         let models = &self.p.models;
         let id = match model {
             None | Some("") | Some("auto") | Some("swarm") => models.default_id(),
@@ -241,7 +243,7 @@ impl Router {
         let cloud_tokens = tokens.clone();
         let t0 = Instant::now();
         let handle = match self.target(req.model.as_deref())? {
-            Target::Local(h) => h.clone(),
+            Target::Local(h) => h,
             Target::Remote(peers) => return self.forward(query_id, &req, peers, t0).await,
         };
         let routing = &self.p.routing;
@@ -323,6 +325,7 @@ impl Router {
             elapsed_ms: local.elapsed_ms,
             inference_ms: Some(local.elapsed_ms),
             error: None,
+            model_version: self.p.models.version(&local.model),
         }];
         let mut vote_ms = None;
         let mut cloud_tried = false;
@@ -409,6 +412,7 @@ impl Router {
                 .inc();
         }
         let mut prov = Provenance::answered_by(self.me(), &local.model, local.confidence, &task);
+        prov.model_version = self.p.models.version(&local.model);
         prov.safety_flag = safety.flagged;
         prov.safety_category = safety.category.clone();
         let mut answer = Answer {
@@ -428,7 +432,7 @@ impl Router {
             metrics.observe_vote(v.valid);
             prov.route = "vote".into();
             prov.vote_ms = vote_ms;
-            prov.voters = voters;
+            prov.voters = voters.clone();
             prov.agreement = Some(v.agreement);
             prov.confidence = v.agreement;
             if let Some(w) = &decision.winner {
@@ -448,11 +452,13 @@ impl Router {
             }
         }
         if let Some(c) = decision.cloud {
+            self.record_escalation(query_id, &req, &task, &prov, &voters, &c);
             prov.route = "cloud".into();
             prov.peer = c.gateway.clone();
             prov.gateway = Some(c.gateway);
             prov.cloud_ms = Some(u64::from(c.cloud_ms));
             prov.model = c.model.clone();
+            prov.model_version.clear();
             prov.confidence = 1.0;
             answer.text = c.text;
             answer.model = c.model;

@@ -168,6 +168,9 @@ pub struct VoterView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inference_ms: Option<u64>,
     pub error: Option<String>,
+    /// Which version of `model` answered, as the voter reports it.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub model_version: String,
 }
 
 /// Where an answer came from: the response's `swarm` object.
@@ -196,6 +199,9 @@ pub struct Provenance {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub safety_category: Option<String>,
     pub forwarded: bool,
+    /// The version of `model` (local and vote answers; empty for the cloud).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub model_version: String,
 }
 
 impl Provenance {
@@ -220,6 +226,7 @@ impl Provenance {
             safety_flag: false,
             safety_category: None,
             forwarded: false,
+            model_version: String::new(),
         }
     }
 }

@@ -88,6 +88,7 @@ impl Router {
                 normalized: a.normalized.clone().unwrap_or_default(),
                 answer: clip_owned(a.text, swarm_protocol::MAX_ANSWER_BYTES),
                 confidence: a.confidence.clamp(0.0, 1.0),
+                model_version: self.p.models.version(&a.model),
                 model: a.model,
                 tokens: a.completion_tokens,
                 elapsed_ms: a.elapsed_ms.min(u64::from(u32::MAX)) as u32,
@@ -154,7 +155,10 @@ impl Router {
             return EscalateReply::Err(wire_err(ErrorCode::Unauthorized, "this node is not the gateway"));
         }
         match self.p.gateway.call(&req).await {
-            Ok(r) => EscalateReply::Ok(r),
+            Ok(r) => {
+                self.record_served_escalation(&peer.to_string(), &req, &r);
+                EscalateReply::Ok(r)
+            }
             Err(e) => EscalateReply::Err(e),
         }
     }
@@ -180,6 +184,9 @@ impl Router {
                     }
                 }
                 EscalateFrame::End(reply) => {
+                    if let EscalateReply::Ok(r) = &reply {
+                        self.record_served_escalation(&peer.to_string(), &req, r);
+                    }
                     sink.end(reply).await;
                     return;
                 }

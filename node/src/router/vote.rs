@@ -73,6 +73,7 @@ impl Router {
                 elapsed_ms: ms,
                 inference_ms: None,
                 error: None,
+                model_version: String::new(),
             };
             let result = match r {
                 Ok(VoteReply::Ok(resp)) if resp.id == query_id => {
@@ -80,6 +81,7 @@ impl Router {
                     view.confidence = Some(resp.confidence);
                     view.inference_ms = Some(u64::from(resp.elapsed_ms));
                     view.model = resp.model.clone();
+                    view.model_version = resp.model_version.clone();
                     Ok(AnswerIn {
                         model: resp.model,
                         text: resp.answer,
@@ -119,6 +121,7 @@ impl Router {
                     elapsed_ms: 0,
                     inference_ms: None,
                     error: error.or_else(|| Some("not needed: the vote was already decided".into())),
+                    model_version: String::new(),
                 });
             }
         }

@@ -119,6 +119,8 @@ impl Sim {
                 ctx: 2048,
                 domains: vec!["general".into()],
                 tok_s: (1000.0 / profile.ms_per_token.max(0.1)) as f32,
+                sha256: String::new(),
+                version: String::new(),
             }],
             capacity: Capacity {
                 cores: n.cores,
@@ -228,6 +230,8 @@ impl Sim {
                 ctx: 2048,
                 domains: vec!["general".into()],
                 tok_s: 1000.0,
+                sha256: String::new(),
+                version: String::new(),
             };
             let adverts: Vec<Arc<Advert>> = self
                 .sybil_ids

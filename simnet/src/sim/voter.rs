@@ -135,6 +135,7 @@ impl Sim {
             model,
             tokens: self.sc.queries.tokens.get(kind),
             elapsed_ms: ((self.now - started) / 1000) as u32,
+            model_version: String::new(),
         });
         self.send_vote_reply(id, voter, Some(coord), reply, answer.correct, answer.embedding);
     }
