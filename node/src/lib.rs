@@ -22,3 +22,4 @@ pub mod router;
 pub mod safety;
 pub mod served;
 pub mod swarm;
+pub mod workflow;
