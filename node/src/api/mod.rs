@@ -6,6 +6,7 @@
 mod guard;
 mod types;
 mod ui;
+mod workflow;
 
 use std::convert::Infallible;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -145,6 +146,7 @@ pub fn router(node: Node) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/swarm/peers", get(peers))
         .route("/v1/swarm/gateway", get(gateway))
+        .route("/v1/swarm/workflows", post(workflow::run))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(|| async {
