@@ -60,6 +60,7 @@ fuzz_target!(|bytes: &[u8]| {
             max_tokens,
             deadline_ms: 1_000,
             model: Some("smollm2-135m".into()),
+            team: None,
         },
     );
     fits(

@@ -86,6 +86,29 @@ pub struct NodeConfig {
     pub dataset: crate::dataset::DatasetConfig,
     /// The eval gate (`[gate]`): which models this node may advertise.
     pub gate: crate::gate::GateConfig,
+    /// Teams (`[teams]`): whose queries this node serves, and which may use the cloud.
+    pub teams: TeamsConfig,
+}
+
+/// `[teams]`: a query that names a team goes only to peers that serve it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TeamsConfig {
+    /// Teams whose queries this node takes (from its users and from peers).
+    pub serve: Vec<String>,
+    /// Teams whose policy lets their queries reach the cloud (through the
+    /// gateway); any other team's queries stay in the swarm.
+    pub cloud: Vec<String>,
+}
+
+impl TeamsConfig {
+    pub fn serves(&self, team: &str) -> bool {
+        self.serve.iter().any(|t| t == team)
+    }
+
+    pub fn allows_cloud(&self, team: &str) -> bool {
+        self.cloud.iter().any(|t| t == team)
+    }
 }
 
 /// A keyed swarm's join token, this node's certificate and a revocation list.
@@ -243,6 +266,7 @@ impl Default for NodeConfig {
             cloud: None,
             dataset: crate::dataset::DatasetConfig::default(),
             gate: crate::gate::GateConfig::default(),
+            teams: TeamsConfig::default(),
         }
     }
 }
@@ -322,6 +346,24 @@ impl NodeConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        for t in self.teams.serve.iter().chain(&self.teams.cloud) {
+            if swarm_protocol::check_team("teams", t).is_err() {
+                return bad(format!("team `{t}` must be 1-32 of [A-Za-z0-9_-]"));
+            }
+        }
+        if self.teams.serve.len() > swarm_protocol::MAX_TEAMS {
+            return bad(format!(
+                "[teams] serve: at most {} teams",
+                swarm_protocol::MAX_TEAMS
+            ));
+        }
+        for (kind, bar) in &self.gate.min_accuracy {
+            if !["mcq", "label", "short", "free"].contains(&kind.as_str()) || !(0.0..=1.0).contains(bar) {
+                return bad(format!(
+                    "[gate] min_accuracy.{kind} = {bar}: a task kind (mcq, label, short, free) and a value in 0..=1"
+                ));
+            }
+        }
         if self.namespace.is_empty()
             || self.namespace.len() > 64
             || !self

@@ -38,6 +38,9 @@ pub struct GateConfig {
     pub dir: String,
     /// Peer ids whose signed records this node also accepts (its own always).
     pub signers: Vec<String>,
+    /// Allow `POST /v1/swarm/models` (load, gate and switch to a new model
+    /// version while serving). Protect the API with `[api] api_key_env`.
+    pub hot_swap: bool,
 }
 
 impl GateConfig {
@@ -108,18 +111,35 @@ impl GateRecord {
     }
 }
 
-/// Evaluate `be` on `questions` (at most `limit` of each task kind, in file
-/// order): one unsigned record per task kind present. `progress` sees each answer.
+/// What a gate run is asked to do.
+#[derive(Debug, Clone, Copy)]
+pub struct GateRun<'a> {
+    /// The evaluation file the questions came from.
+    pub file: &'a Path,
+    /// The weights under test.
+    pub sha256: &'a str,
+    pub version: &'a str,
+    /// The bar the result is marked against.
+    pub min_accuracy: f32,
+    /// At most this many questions of each task kind (in file order).
+    pub limit: Option<usize>,
+}
+
+/// Evaluate `be` on `questions`: one unsigned record per task kind present.
+/// `progress` sees each answer.
 pub fn evaluate(
     be: &mut dyn Backend,
     questions: &[Question],
-    file: &Path,
-    sha256: &str,
-    version: &str,
-    min_accuracy: f32,
-    limit: Option<usize>,
+    run: GateRun<'_>,
     mut progress: impl FnMut(),
 ) -> Result<Vec<GateRecord>, GateError> {
+    let GateRun {
+        file,
+        sha256,
+        version,
+        min_accuracy,
+        limit,
+    } = run;
     let file_sha256 = crate::served::file_sha256(file).map_err(|e| GateError::Io {
         path: file.display().to_string(),
         msg: e.to_string(),

@@ -157,6 +157,8 @@ pub struct NodeInner {
     pub cloud_client: Option<CloudClient>,
     /// Keyed swarm: the token and this node's (verified) certificate; `None` = open swarm.
     pub admission: Option<AdmissionSetup>,
+    /// This node's identity key: signs its gate records.
+    pub(crate) signer: Keypair,
     view: watch::Receiver<Arc<SwarmView>>,
     shutdown_tx: watch::Sender<bool>,
     _identity_lock: Option<std::fs::File>,
@@ -241,6 +243,7 @@ impl Node {
             },
             admission: admission.clone(),
         };
+        let signer = opts.key.clone();
         let (net, events) = network::spawn(opts.key, net_cfg)?;
         let models = Arc::new(LocalModels::spawn(
             opts.backends,
@@ -292,10 +295,12 @@ impl Node {
             events: feed.clone(),
             unreachable: unreachable_tx,
             dataset,
+            teams: cfg.teams.clone(),
         });
         let serving = router.clone();
         let membership = Membership::new(MembershipParts {
             me,
+            teams: cfg.teams.serve.clone(),
             name: name.clone(),
             advert_interval_ms: cfg.advert_interval_ms,
             missed_adverts: cfg.missed_adverts,
@@ -333,6 +338,7 @@ impl Node {
             cloud,
             cloud_client,
             admission,
+            signer,
             view,
             shutdown_tx,
             _identity_lock: opts.identity_lock,

@@ -514,6 +514,7 @@ impl Plan {
                     ext: SwarmExt {
                         task: Some(s.task.clone()),
                         privacy: self.privacy,
+                        team: self.team.clone(),
                         ..SwarmExt::default()
                     },
                     deadline,

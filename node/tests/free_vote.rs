@@ -136,6 +136,7 @@ fn question() -> ChatRequest {
             task: Some(Task::Free),
             privacy: None,
             min_confidence: None,
+            team: None,
         },
         deadline: Instant::now() + Duration::from_secs(60),
     }

@@ -212,6 +212,7 @@ mod tests {
             }),
             sent_ms: 99,
             cert: None,
+            teams: Vec::new(),
         }
     }
 
@@ -223,6 +224,7 @@ mod tests {
             max_tokens: 8,
             deadline_ms: 2000,
             model: Some("smollm2-135m".into()),
+            team: None,
         }
     }
 
@@ -285,6 +287,7 @@ mod tests {
         round_trip(&VoteRequest {
             task: Task::Free,
             model: None,
+            team: None,
             ..vote_request()
         });
         round_trip(&VoteReply::Ok(VoteResponse {

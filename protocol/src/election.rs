@@ -460,6 +460,7 @@ mod tests {
             gateway: None,
             sent_ms: 0,
             cert: None,
+            teams: Vec::new(),
         }
     }
 

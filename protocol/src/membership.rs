@@ -69,6 +69,8 @@ pub struct LocalState {
     pub models: Vec<ModelCard>,
     pub capacity: Capacity,
     pub cloud: Option<CloudStatus>,
+    /// Teams this node serves.
+    pub teams: Vec<String>,
 }
 
 impl LocalState {
@@ -87,6 +89,7 @@ impl LocalState {
                 max_concurrency: 1,
             },
             cloud: None,
+            teams: Vec::new(),
         }
     }
 }
@@ -428,6 +431,7 @@ impl Membership {
             gateway: self.election.claim(),
             sent_ms: 0,
             cert: None,
+            teams: Vec::new(),
         }
     }
 
@@ -481,6 +485,7 @@ impl Membership {
             gateway: self.election.claim(),
             sent_ms: wall,
             cert: self.admission.as_ref().map(|(_, c)| c.clone()),
+            teams: l.teams.clone(),
         });
         self.own = Some(advert.clone());
         out.push(OutEvent::Publish(advert));
@@ -508,6 +513,7 @@ mod tests {
             version: "0".into(),
             addrs: vec![],
             models: vec![],
+            teams: Vec::new(),
             capacity: Capacity {
                 cores: 4,
                 cpu_load: 0.0,
@@ -546,6 +552,7 @@ mod tests {
             gateway: None,
             sent_ms: 0,
             cert: None,
+            teams: Vec::new(),
         })
     }
 

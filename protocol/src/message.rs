@@ -22,6 +22,26 @@ pub const MAX_MODEL_ID_LEN: usize = 64;
 pub const MAX_DOMAINS: usize = 8;
 /// Longest domain tag.
 pub const MAX_DOMAIN_LEN: usize = 32;
+/// Most teams one peer serves.
+pub const MAX_TEAMS: usize = 16;
+/// Longest team name.
+pub const MAX_TEAM_LEN: usize = 32;
+
+/// A team name: 1..=32 of `[A-Za-z0-9_-]`.
+pub fn check_team(field: &'static str, t: &str) -> Result<(), ValidationError> {
+    if t.is_empty()
+        || t.len() > MAX_TEAM_LEN
+        || !t
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(ValidationError::Invalid {
+            field,
+            reason: "a team is 1-32 of [A-Za-z0-9_-]",
+        });
+    }
+    Ok(())
+}
 /// Most chat messages in one request.
 pub const MAX_MESSAGES: usize = 64;
 /// Longest chat role name.
@@ -180,6 +200,9 @@ pub struct Advert {
     /// can check the author of an advert relayed by others.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert: Option<crate::admission::Certificate>,
+    /// Teams whose queries this peer serves; a team's queries go only to its peers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub teams: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -266,6 +289,10 @@ impl Validate for Advert {
         check_count("models", self.models.len(), MAX_MODELS)?;
         for m in &self.models {
             m.validate()?;
+        }
+        check_count("teams", self.teams.len(), MAX_TEAMS)?;
+        for t in &self.teams {
+            check_team("teams[]", t)?;
         }
         self.capacity.validate()?;
         if let Some(g) = &self.gateway {
@@ -443,6 +470,9 @@ pub struct VoteRequest {
     pub deadline_ms: u32,
     /// Preferred model on the voter; `None` = its default.
     pub model: Option<String>,
+    /// The query's team: a voter that does not serve it refuses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -474,6 +504,9 @@ impl Validate for VoteRequest {
         check_deadline(self.deadline_ms)?;
         if let Some(m) = &self.model {
             check_id("model", m, MAX_MODEL_ID_LEN)?;
+        }
+        if let Some(t) = &self.team {
+            check_team("team", t)?;
         }
         Ok(())
     }
@@ -706,6 +739,7 @@ mod tests {
             gateway: None,
             sent_ms: 1_700_000_000_000,
             cert: None,
+            teams: Vec::new(),
         }
     }
 
@@ -786,6 +820,7 @@ mod tests {
         let half = "x".repeat(MAX_CONTENT_BYTES / 2 + 1);
         let req = VoteRequest {
             id: 1,
+            team: None,
             messages: vec![
                 ChatMessage {
                     role: "user".into(),

@@ -119,6 +119,7 @@ fn advert() -> impl Strategy<Value = Advert> {
         .prop_map(
             |(peer, seq, name, addrs, models, cap, cloud, gw, with_cert)| Advert {
                 cert: with_cert.then(|| cert(peer.clone())),
+                teams: Vec::new(),
                 peer,
                 seq,
                 name,
@@ -160,6 +161,7 @@ fn vote_request() -> impl Strategy<Value = VoteRequest> {
                 max_tokens,
                 deadline_ms,
                 model,
+                team: None,
             },
         )
 }
@@ -387,6 +389,7 @@ fn examples() -> Vec<(&'static str, Vec<u8>)> {
         gateway: Some(GatewayClaim { term: 2, since_ms: 5 }),
         sent_ms: 7,
         cert: Some(key.invite("12D3KooWSeed", Role::Cloud, 1, 2, 3).expect("cert")),
+        teams: Vec::new(),
     };
     let err = WireError {
         code: ErrorCode::Overloaded,
@@ -412,6 +415,7 @@ fn examples() -> Vec<(&'static str, Vec<u8>)> {
                 max_tokens: 8,
                 deadline_ms: 2_000,
                 model: Some("smollm2-135m".into()),
+                team: None,
             })),
         ),
         (

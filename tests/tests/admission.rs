@@ -233,6 +233,7 @@ fn a_keyed_swarm_serves_members_and_refuses_outsiders() {
                     max_tokens: 8,
                     deadline_ms: 10_000,
                     model: None,
+                    team: None,
                 },
                 t,
             )
@@ -355,6 +356,7 @@ fn a_keyed_swarm_serves_members_and_refuses_outsiders() {
                 }),
                 sent_ms: now_ms,
                 cert: None,
+                teams: Vec::new(),
             };
             let _ = net.publish(encode_msg(&advert).expect("advert")).await;
             tokio::time::sleep(Duration::from_millis(250)).await;

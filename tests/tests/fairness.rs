@@ -110,6 +110,7 @@ fn a_rogue_peer_cannot_starve_local_users() {
                                 max_tokens: 96,
                                 deadline_ms: 110_000,
                                 model: None,
+                                team: None,
                             },
                             Duration::from_secs(115),
                         )

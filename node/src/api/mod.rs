@@ -4,6 +4,7 @@
 //! every failure to OpenAI's error JSON with the right status code.
 
 mod guard;
+mod swap;
 mod types;
 mod ui;
 mod workflow;
@@ -144,6 +145,7 @@ pub fn router(node: Node) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/swarm/events", get(ui::events))
         .route("/v1/models", get(models))
+        .route("/v1/swarm/models", post(swap::swap))
         .route("/v1/swarm/peers", get(peers))
         .route("/v1/swarm/gateway", get(gateway))
         .route("/v1/swarm/workflows", post(workflow::run))

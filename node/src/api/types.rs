@@ -66,6 +66,9 @@ pub struct SwarmIn {
     pub privacy: Option<Privacy>,
     #[serde(default)]
     pub min_confidence: Option<f32>,
+    /// The query's team: it goes only to peers that serve the team.
+    #[serde(default)]
+    pub team: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -279,6 +282,15 @@ impl ChatCompletionRequest {
             task: parse_task(&ext_in)?,
             privacy: ext_in.privacy,
             min_confidence: ext_in.min_confidence,
+            team: match ext_in.team {
+                Some(t) => {
+                    swarm_protocol::check_team("swarm.team", &t).map_err(|e| {
+                        ApiError::bad_request(format!("swarm.team: {e}")).with_param("swarm.team")
+                    })?;
+                    Some(t)
+                }
+                None => None,
+            },
         };
         Ok(ChatRequest {
             model: self.model,
@@ -351,6 +363,7 @@ mod tests {
                 max_tokens,
                 deadline_ms: 1_000,
                 model: Some("m".into()),
+                team: None,
             },
         )?;
         fits(

@@ -203,16 +203,14 @@ pub(super) fn gate(a: GateArgs) -> anyhow::Result<ExitCode> {
         "{msg} [{bar:30}] {pos}/{len} {eta}",
         format!("gating {}@{version}", be.info().id),
     );
-    let mut records = gate::evaluate(
-        be.as_mut(),
-        &questions,
-        &a.file,
-        &sha256,
-        &version,
-        a.min_accuracy,
-        a.limit,
-        || pb.inc(1),
-    )?;
+    let run = gate::GateRun {
+        file: &a.file,
+        sha256: &sha256,
+        version: &version,
+        min_accuracy: a.min_accuracy,
+        limit: a.limit,
+    };
+    let mut records = gate::evaluate(be.as_mut(), &questions, run, || pb.inc(1))?;
     pb.finish_and_clear();
     let dir = cfg.gate.dir(&home);
     let mut all_passed = true;

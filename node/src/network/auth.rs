@@ -153,6 +153,7 @@ mod tests {
             max_tokens: 4,
             deadline_ms: 1000,
             model: None,
+            team: None,
         }
     }
 

@@ -115,6 +115,7 @@ mod tests {
             max_tokens: 16,
             deadline_ms: 1000,
             model: None,
+            team: None,
         }
     }
 

@@ -175,7 +175,7 @@ impl Router {
         let Some(log) = &self.p.dataset else {
             return;
         };
-        if !DatasetLog::allows(req.ext.privacy.unwrap_or(self.p.routing.privacy)) {
+        if !DatasetLog::allows(self.privacy_of(req)) {
             return;
         }
         log.record(&Record {

@@ -26,7 +26,7 @@ impl Router {
     ) -> Result<Answer, RouteError> {
         let model = req.model.clone().unwrap_or_default();
         // Before any byte leaves: a device-only request is refused, not forwarded.
-        if req.ext.privacy.unwrap_or(self.p.routing.privacy) == Privacy::Device {
+        if self.privacy_of(req) == Privacy::Device {
             return Err(RouteError::BadRequest(format!(
                 "model `{model}` is served only by peers, and privacy `device` keeps this request on \
                  this device: ask one of this node's models ({}), or allow privacy `swarm`",
@@ -62,7 +62,7 @@ impl Router {
         // not available, and the answer then says so.
         let mut degraded: Option<String> = None;
         if safety.escalates() {
-            if req.ext.privacy.unwrap_or(self.p.routing.privacy) != Privacy::Cloud {
+            if self.privacy_of(req) != Privacy::Cloud {
                 degraded = Some(DegradedReason::SafetyPrivacyForbidsCloud.as_str().into());
             } else if self.snapshot().gateway.is_none() {
                 degraded = Some("safety: no gateway to the cloud".into());

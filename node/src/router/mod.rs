@@ -70,6 +70,8 @@ pub struct RouterParts {
     pub events: Arc<Events>,
     /// Tells the membership task a peer could not be reached (it drops it at once).
     pub unreachable: mpsc::Sender<String>,
+    /// The teams this node serves and their cloud policy.
+    pub teams: crate::config::TeamsConfig,
     /// The escalation log, when `[dataset]` is enabled.
     pub dataset: Option<Arc<crate::dataset::DatasetLog>>,
 }
@@ -108,6 +110,23 @@ impl Router {
     /// A fresh id: queries, completions.
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The privacy a request runs at: its own (or the node's default), kept in
+    /// the swarm when its team's policy does not allow the cloud.
+    pub(crate) fn privacy_of(&self, req: &ChatRequest) -> swarm_protocol::Privacy {
+        use swarm_protocol::Privacy;
+        let p = req.ext.privacy.unwrap_or(self.p.routing.privacy);
+        match &req.ext.team {
+            Some(t) if p == Privacy::Cloud && !self.p.teams.allows_cloud(t) => Privacy::Swarm,
+            _ => p,
+        }
+    }
+
+    /// Whether a peer's advert says it serves the request's team (every peer
+    /// serves a request without one).
+    pub(crate) fn serves_team(advert: &swarm_protocol::Advert, team: Option<&str>) -> bool {
+        team.is_none_or(|t| advert.teams.iter().any(|x| x == t))
     }
 
     pub fn snapshot(&self) -> Arc<SwarmView> {
@@ -242,19 +261,51 @@ impl Router {
     ) -> Result<Answer, RouteError> {
         let cloud_tokens = tokens.clone();
         let t0 = Instant::now();
+        let team = req.ext.team.clone();
+        if let Some(t) = &team {
+            if !self.p.teams.serves(t) {
+                return Err(RouteError::BadRequest(format!(
+                    "this node does not serve team `{t}`: send the query to one of its nodes"
+                )));
+            }
+        }
         let handle = match self.target(req.model.as_deref())? {
             Target::Local(h) => h,
-            Target::Remote(peers) => return self.forward(query_id, &req, peers, t0).await,
+            Target::Remote(peers) => {
+                // A team's query is forwarded only to that team's peers.
+                let view = self.snapshot();
+                let peers: Vec<String> = peers
+                    .into_iter()
+                    .filter(|p| {
+                        view.peers
+                            .iter()
+                            .any(|v| &v.advert.peer == p && Self::serves_team(&v.advert, team.as_deref()))
+                    })
+                    .collect();
+                if peers.is_empty() {
+                    return Err(RouteError::NoPeer {
+                        model: req.model.clone().unwrap_or_default(),
+                        reason: format!("no peer of team `{}` serves it", team.unwrap_or_default()),
+                    });
+                }
+                return self.forward(query_id, &req, peers, t0).await;
+            }
         };
         let routing = &self.p.routing;
         let task = req.task();
         let (tau_local, tau_vote) = routing.thresholds(&handle.info().id);
         let thresholds = Thresholds { tau_local, tau_vote };
         let view = self.snapshot();
-        let adverts = || view.peers.iter().map(|p| &*p.advert);
+        // A team's query sees only the team's peers: as voters, and in the counts.
+        let adverts = || {
+            view.peers
+                .iter()
+                .map(|p| &*p.advert)
+                .filter(|a| Self::serves_team(a, team.as_deref()))
+        };
         let mut inputs = RouteInputs {
             local_confidence: 0.0,
-            privacy: req.ext.privacy.unwrap_or(routing.privacy),
+            privacy: self.privacy_of(&req),
             min_confidence: req.ext.min_confidence,
             live_voters: live_voters(adverts(), self.me()),
             safety_flag: false,

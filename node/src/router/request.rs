@@ -73,6 +73,8 @@ pub struct SwarmExt {
     pub task: Option<Task>,
     pub privacy: Option<Privacy>,
     pub min_confidence: Option<f32>,
+    /// The team the query belongs to: only peers serving it see it.
+    pub team: Option<String>,
 }
 
 #[derive(Debug, Clone)]

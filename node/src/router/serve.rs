@@ -66,6 +66,16 @@ impl Router {
     /// Voter side: answer a peer's vote request with the requested (or default) model.
     pub async fn serve_vote(&self, peer: PeerId, req: VoteRequest) -> VoteReply {
         let deadline = Instant::now() + Duration::from_millis(u64::from(req.deadline_ms));
+        if let Some(t) = &req.team {
+            // The coordinator should not have asked; refuse rather than see another team's data.
+            if !self.p.teams.serves(t) {
+                tracing::warn!(%peer, team = %t, "vote request for a team this node does not serve, refused");
+                return VoteReply::Err(wire_err(
+                    ErrorCode::Unauthorized,
+                    "this node does not serve that team",
+                ));
+            }
+        }
         let models = &self.p.models;
         let model = req
             .model

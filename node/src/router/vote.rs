@@ -46,6 +46,7 @@ impl Router {
                 max_tokens: req.params.max_tokens.clamp(1, swarm_protocol::MAX_TOKENS),
                 deadline_ms: wire_deadline(remaining(vote_deadline)),
                 model: Some(c.model.clone()),
+                team: req.ext.team.clone(),
             };
             let net = self.p.net.clone();
             let c = c.clone();

@@ -47,12 +47,15 @@ pub(crate) fn initial_advert(peer: &str, name: &str) -> Advert {
         gateway: None,
         sent_ms: wall_ms(),
         cert: None,
+        teams: Vec::new(),
     }
 }
 
 /// What the membership task is given by `Node::start`.
 pub struct MembershipParts {
     pub me: String,
+    /// Teams this node serves (advertised).
+    pub teams: Vec<String>,
     pub name: String,
     pub advert_interval_ms: u64,
     pub missed_adverts: u32,
@@ -267,6 +270,7 @@ impl Membership {
             models: self.p.models.cards(),
             capacity: self.capacity(),
             cloud: self.p.gateway.status(),
+            teams: self.p.teams.clone(),
         }
     }
 
@@ -280,6 +284,7 @@ impl Membership {
         me.capacity = local.capacity.clone();
         me.cloud = local.cloud.clone();
         me.models = local.models.clone();
+        me.teams = local.teams.clone();
         me.gateway = self.machine.election().claim();
         Arc::new(me)
     }

@@ -104,6 +104,7 @@ impl Sim {
         let profile = &self.sc.models[n.model];
         LocalState {
             name: format!("node-{v}"),
+            teams: Vec::new(),
             version: "0.1.0".into(),
             addrs: vec![format!(
                 "/ip4/10.{}.{}.{}/udp/4001/quic-v1",
@@ -255,6 +256,7 @@ impl Sim {
                         gateway: None,
                         sent_ms: local,
                         cert: None,
+                        teams: Vec::new(),
                     })
                 })
                 .collect();

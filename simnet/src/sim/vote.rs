@@ -205,6 +205,7 @@ impl Sim {
             max_tokens: self.sc.queries.tokens.get(question.kind).max(1),
             deadline_ms: self.sc.queries.vote_deadline_ms,
             model: None,
+            team: None,
         };
         let deadline = self.now + u64::from(self.sc.queries.vote_deadline_ms) * 1000;
         let bytes = match encode_msg(&req) {
