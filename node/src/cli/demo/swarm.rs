@@ -165,7 +165,16 @@ pub(super) async fn run(
     // node-1 may call the cloud: a longer cloud deadline suits a CPU-only stand-in,
     // and frequent probes notice it soon after it has loaded.
     let cfg1 = dir.join("node-1.toml");
-    std::fs::write(&cfg1, "[cloud]\ntimeout_ms = 120000\nprobe_interval_ms = 1000\n")?;
+    // node-1 is the gateway: its escalation log (`slm-swarm dataset stats --dir
+    // <log dir>/dataset`) keeps what the cloud answered during the demo.
+    let dataset_dir = dir.join("dataset");
+    std::fs::write(
+        &cfg1,
+        format!(
+            "[cloud]\ntimeout_ms = 120000\nprobe_interval_ms = 1000\n\n[dataset]\nenabled = true\ndir = {}\n",
+            toml::Value::String(dataset_dir.display().to_string())
+        ),
+    )?;
     let ns = format!("demo-{}", std::process::id());
     let node_args = |i: usize, boot: Option<&str>| {
         let name = format!("node-{}", i + 1);
