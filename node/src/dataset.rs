@@ -207,7 +207,7 @@ impl DatasetLog {
             .filter_map(|p| stamp_of(p))
             .max()
             .unwrap_or(0);
-        let stamp = crate::swarm::membership::wall_ms().max(newest + 1);
+        let stamp = crate::clock::wall_ms().max(newest + 1);
         let to = self.dir.join(format!("escalations-{stamp}.jsonl"));
         std::fs::rename(current, &to).map_err(io(current))?;
         let files = files(&self.dir)?;

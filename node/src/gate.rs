@@ -7,6 +7,7 @@
 //! swap (`POST /v1/swarm/models`) both run [`evaluate`].
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use libp2p::identity::{Keypair, PublicKey};
@@ -111,6 +112,72 @@ impl GateRecord {
     }
 }
 
+/// sha256 (hex) of a file, streamed. Model files are large: a cache under
+/// `$SLM_SWARM_HOME` keyed by path, size and mtime makes a restart cheap.
+pub fn file_sha256(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let meta = std::fs::metadata(path)?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let key = format!(
+        "{}|{}|{mtime}",
+        std::fs::canonicalize(path)?.display(),
+        meta.len()
+    );
+    let cache_path = crate::models::home_dir().join("hashes.json");
+    let mut cache: BTreeMap<String, String> = std::fs::read_to_string(&cache_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    if let Some(h) = cache.get(&key) {
+        return Ok(h.clone());
+    }
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let h = hex::encode(hasher.finalize());
+    // Only files large enough to matter are cached (tests write many tiny ones).
+    if meta.len() >= 8 << 20 {
+        cache.insert(key, h.clone());
+        if let Ok(t) = serde_json::to_string(&cache) {
+            let _ = std::fs::create_dir_all(crate::models::home_dir());
+            let _ = std::fs::write(&cache_path, t);
+        }
+    }
+    Ok(h)
+}
+
+/// The version a model file is served as: its sha256's first 12 hex digits.
+pub fn version_of(sha256: &str) -> String {
+    sha256.chars().take(12).collect()
+}
+
+/// The weights hash of a backend's file ("" for a model without one, e.g. a stand-in).
+pub fn backend_sha256(b: &dyn Backend) -> String {
+    let path = &b.info().path;
+    if path.is_empty() {
+        return String::new();
+    }
+    match file_sha256(Path::new(path)) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!("cannot hash {path}: {e}; the model is served unversioned");
+            String::new()
+        }
+    }
+}
+
 /// What a gate run is asked to do.
 #[derive(Debug, Clone, Copy)]
 pub struct GateRun<'a> {
@@ -140,7 +207,7 @@ pub fn evaluate(
         min_accuracy,
         limit,
     } = run;
-    let file_sha256 = crate::served::file_sha256(file).map_err(|e| GateError::Io {
+    let file_sha256 = file_sha256(file).map_err(|e| GateError::Io {
         path: file.display().to_string(),
         msg: e.to_string(),
     })?;
@@ -166,7 +233,7 @@ pub fn evaluate(
     if tally.is_empty() {
         return Err(GateError::Eval(format!("{} has no question", file.display())));
     }
-    let at_ms = crate::swarm::membership::wall_ms();
+    let at_ms = crate::clock::wall_ms();
     Ok(tally
         .into_iter()
         .map(|(kind, (n, correct))| {

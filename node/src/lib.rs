@@ -5,6 +5,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod clock;
 pub mod cloud;
 pub mod confidence;
 pub mod config;

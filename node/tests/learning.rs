@@ -382,8 +382,8 @@ async fn a_model_failing_its_gate_is_not_advertised_and_a_passing_one_is() {
     let questions = swarm_node::eval::dataset::load(&sst2()).expect("sst2");
     let gate_run = |path: &std::path::Path, id: &str, key: &libp2p::identity::Keypair| {
         let mut be = load(path, id);
-        let sha = swarm_node::served::backend_sha256(&be);
-        let version = swarm_node::served::version_of(&sha);
+        let sha = swarm_node::gate::backend_sha256(&be);
+        let version = swarm_node::gate::version_of(&sha);
         let mut recs = gate::evaluate(
             &mut be,
             &questions,

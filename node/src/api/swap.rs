@@ -15,10 +15,10 @@ use serde_json::{json, Value};
 
 use super::ApiError;
 use crate::gate;
+use crate::gate::{backend_sha256, version_of};
 use crate::inference::engine::LoadOptions;
 use crate::inference::{Backend, CandleBackend};
 use crate::node::Node;
-use crate::served::{backend_sha256, version_of};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

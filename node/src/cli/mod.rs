@@ -5,6 +5,7 @@ mod dataset;
 mod demo;
 mod duration;
 mod eval;
+mod gate;
 mod load;
 mod local;
 mod models;
@@ -117,7 +118,7 @@ pub(crate) enum ModelsCmd {
     /// Evaluate a model (e.g. a newly distilled GGUF) on a file and record a
     /// signed result per task kind; a node with `[gate] min_accuracy` advertises
     /// a model only when its result meets that bar. Exits 1 when it fails the bar.
-    Gate(models::GateArgs),
+    Gate(gate::GateArgs),
 }
 
 /// Options shared by commands that find models.
@@ -227,7 +228,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Models(ModelsCmd::List { common, json }) => models::list(&common, json),
         Command::Models(ModelsCmd::Pull { common, ids }) => models::pull(&common, &ids),
         Command::Models(ModelsCmd::Rm { common, ids }) => models::rm(&common, &ids),
-        Command::Models(ModelsCmd::Gate(a)) => models::gate(a),
+        Command::Models(ModelsCmd::Gate(a)) => gate::gate(a),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "slm-swarm", &mut std::io::stdout());

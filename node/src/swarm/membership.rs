@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
 use swarm_protocol::membership::{
@@ -25,12 +25,7 @@ use crate::served::LocalModels;
 /// Receives the peers' requests (vote, query, escalate events); must not block.
 pub type RequestHandler = Box<dyn Fn(NetEvent) + Send + Sync>;
 
-pub(crate) fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub(crate) use crate::clock::wall_ms;
 
 /// An advert with nothing measured yet: the view's `me` until the first publish.
 pub(crate) fn initial_advert(peer: &str, name: &str) -> Advert {
