@@ -198,14 +198,31 @@ impl SwarmDir {
     /// Issues a certificate for `peer` with the next serial, valid from `now_ms` for
     /// `valid_for_ms`, and records it in `issued.jsonl`.
     pub fn invite(&self, peer: &str, role: Role, now_ms: u64, valid_for_ms: u64) -> Result<Certificate> {
+        self.invite_to_teams(peer, role, now_ms, valid_for_ms, Vec::new())
+    }
+
+    /// As [`SwarmDir::invite`], admitting the peer to `teams` as well.
+    pub fn invite_to_teams(
+        &self,
+        peer: &str,
+        role: Role,
+        now_ms: u64,
+        valid_for_ms: u64,
+        teams: Vec<String>,
+    ) -> Result<Certificate> {
         let _lock = lock_dir(&self.dir)?;
         let serial = self
             .last_serial()?
             .checked_add(1)
             .ok_or(AdmitFileError::SerialsExhausted)?;
-        let cert = self
-            .key
-            .invite(peer, role, now_ms, now_ms.saturating_add(valid_for_ms), serial)?;
+        let cert = self.key.invite_to_teams(
+            peer,
+            role,
+            now_ms,
+            now_ms.saturating_add(valid_for_ms),
+            serial,
+            teams,
+        )?;
         // The counter moves first: a crash after it wastes a serial, never reuses one.
         write_atomic(
             &self.dir.join(SERIAL_FILE),

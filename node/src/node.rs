@@ -273,6 +273,22 @@ impl Node {
         let metrics = Arc::new(Metrics::new());
         let feed = Arc::new(Events::new(cfg.ui.show_prompts));
         let (unreachable_tx, unreachable_rx) = tokio::sync::mpsc::channel(64);
+        // In a keyed swarm the certificate says which teams this node may serve.
+        let mut teams = cfg.teams.clone();
+        if let Some(a) = &admission {
+            let (kept, dropped): (Vec<String>, Vec<String>) = teams
+                .serve
+                .iter()
+                .cloned()
+                .partition(|t| a.cert.teams.contains(t));
+            if !dropped.is_empty() {
+                tracing::warn!(
+                    "teams {dropped:?} are not in this node's certificate, so it does not serve them; ask \
+                     the swarm owner for a certificate with them (`slm-swarm swarm invite --team T`)"
+                );
+            }
+            teams.serve = kept;
+        }
         let dataset = crate::dataset::DatasetLog::open(&cfg.dataset, &crate::models::home_dir())
             .map_err(|e| NodeError::Config(e.to_string()))?
             .map(Arc::new);
@@ -295,12 +311,12 @@ impl Node {
             events: feed.clone(),
             unreachable: unreachable_tx,
             dataset,
-            teams: cfg.teams.clone(),
+            teams: teams.clone(),
         });
         let serving = router.clone();
         let membership = Membership::new(MembershipParts {
             me,
-            teams: cfg.teams.serve.clone(),
+            teams: teams.serve.clone(),
             name: name.clone(),
             advert_interval_ms: cfg.advert_interval_ms,
             missed_adverts: cfg.missed_adverts,

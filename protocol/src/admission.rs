@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 
-use crate::limits::{MAX_ADDRS, MAX_ADDR_LEN, MAX_PEER_ID_LEN};
+use crate::limits::{is_team, MAX_ADDRS, MAX_ADDR_LEN, MAX_PEER_ID_LEN, MAX_TEAMS};
 
 /// Text prefix of a join token.
 pub const TOKEN_PREFIX: &str = "slmswarm1:";
@@ -52,6 +52,7 @@ pub const MAX_REVOCATIONS_BYTES: usize = 160 * 1024;
 
 // Domain separation: a signature over one kind of object can never pass for another.
 const CERT_DOMAIN: &str = "slm-swarm/cert/1";
+const CERT_TEAMS_DOMAIN: &str = "slm-swarm/cert-teams/1";
 const REVOCATIONS_DOMAIN: &str = "slm-swarm/revocations/1";
 const FORMAT_VERSION: u8 = 1;
 
@@ -215,7 +216,21 @@ impl SwarmKey {
         expires_ms: u64,
         serial: u64,
     ) -> Result<Certificate> {
+        self.invite_to_teams(peer, role, issued_ms, expires_ms, serial, Vec::new())
+    }
+
+    /// As [`SwarmKey::invite`], admitting the peer to `teams` as well.
+    pub fn invite_to_teams(
+        &self,
+        peer: &str,
+        role: Role,
+        issued_ms: u64,
+        expires_ms: u64,
+        serial: u64,
+        teams: Vec<String>,
+    ) -> Result<Certificate> {
         check_peer("certificate peer", peer)?;
+        check_teams(&teams)?;
         if expires_ms <= issued_ms {
             return Err(AdmissionError::Malformed {
                 what: "certificate",
@@ -230,6 +245,7 @@ impl SwarmKey {
             expires_ms,
             serial,
             sig: [0; 64],
+            teams,
         };
         cert.sig = self.0.sign(&cert.signed_bytes()).to_bytes();
         Ok(cert)
@@ -320,6 +336,11 @@ pub struct Certificate {
     pub serial: u64,
     #[serde(with = "fixed_bytes")]
     pub sig: [u8; 64],
+    /// Teams the swarm owner admits this peer to (a keyed swarm's peers serve
+    /// only these). Signed; absent on certificates without teams, whose
+    /// signed bytes stay those of certificates issued before teams existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub teams: Vec<String>,
 }
 
 impl Certificate {
@@ -327,19 +348,33 @@ impl Certificate {
     /// Built from the decoded fields, never from received bytes, so there is exactly one
     /// encoding per certificate.
     fn signed_bytes(&self) -> Vec<u8> {
+        if self.teams.is_empty() {
+            return cbor(&(
+                CERT_DOMAIN,
+                self.swarm,
+                &self.peer,
+                self.role,
+                self.issued_ms,
+                self.expires_ms,
+                self.serial,
+            ));
+        }
+        // Its own domain tag: a certificate with teams can never verify as one without.
         cbor(&(
-            CERT_DOMAIN,
+            CERT_TEAMS_DOMAIN,
             self.swarm,
             &self.peer,
             self.role,
             self.issued_ms,
             self.expires_ms,
             self.serial,
+            &self.teams,
         ))
     }
 
     fn check(&self) -> Result<()> {
-        check_peer("certificate peer", &self.peer)
+        check_peer("certificate peer", &self.peer)?;
+        check_teams(&self.teams)
     }
 
     /// CBOR wire form (for a handshake message).
@@ -687,6 +722,22 @@ fn cbor<T: Serialize + ?Sized>(v: &T) -> Vec<u8> {
     out
 }
 
+fn check_teams(teams: &[String]) -> Result<()> {
+    if teams.len() > MAX_TEAMS {
+        return Err(AdmissionError::Malformed {
+            what: "certificate teams",
+            reason: format!("{} teams, at most {MAX_TEAMS}", teams.len()),
+        });
+    }
+    if let Some(t) = teams.iter().find(|t| !is_team(t)) {
+        return Err(AdmissionError::Malformed {
+            what: "certificate teams",
+            reason: format!("`{t}` is not 1-32 of [A-Za-z0-9_-]"),
+        });
+    }
+    Ok(())
+}
+
 fn check_peer(what: &'static str, peer: &str) -> Result<()> {
     if peer.is_empty() {
         return Err(AdmissionError::Malformed {
@@ -811,6 +862,36 @@ mod tests {
     fn cert(k: &SwarmKey, peer: &str, serial: u64) -> Certificate {
         k.invite(peer, Role::Member, NOW, NOW + 30 * DAY, serial)
             .expect("invite")
+    }
+
+    #[test]
+    fn teams_are_signed_and_a_certificate_without_them_signs_as_before() {
+        let k = key(1);
+        let adm = Admission::new(k.id());
+        let plain = cert(&k, ALICE, 1);
+        // Same bytes as before teams existed: the tuple without them, the old tag.
+        let old = cbor(&(
+            CERT_DOMAIN,
+            plain.swarm,
+            &plain.peer,
+            plain.role,
+            plain.issued_ms,
+            plain.expires_ms,
+            plain.serial,
+        ));
+        assert_eq!(plain.signed_bytes(), old);
+        let teamed = k
+            .invite_to_teams(ALICE, Role::Member, NOW, NOW + DAY, 2, vec!["legal".into()])
+            .expect("invite");
+        assert!(adm.verify(&teamed, ALICE, NOW).is_ok());
+        let back = Certificate::from_bytes(&teamed.to_bytes()).expect("round trip");
+        assert_eq!(back.teams, vec!["legal".to_string()]);
+        let mut stripped = teamed.clone();
+        stripped.teams.clear();
+        assert!(adm.verify(&stripped, ALICE, NOW).is_err(), "teams removed");
+        assert!(k
+            .invite_to_teams(ALICE, Role::Member, NOW, NOW + DAY, 3, vec!["no spaces".into()])
+            .is_err());
     }
 
     #[test]

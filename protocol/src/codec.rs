@@ -244,6 +244,7 @@ mod tests {
                     confidence: 0.4,
                     elapsed_ms: 120,
                     error: None,
+                    model_version: String::new(),
                 },
                 VoterRecord {
                     peer: "p2".into(),
@@ -252,6 +253,7 @@ mod tests {
                     confidence: 0.0,
                     elapsed_ms: 2000,
                     error: Some("timeout".into()),
+                    model_version: String::new(),
                 },
             ],
             deadline_ms: 30_000,

@@ -10,3 +10,15 @@ pub const MAX_ADDR_LEN: usize = 256;
 /// No honest swarm reaches this gateway term (one election a millisecond for 8,900 years);
 /// adverts claiming more are invalid.
 pub const MAX_TERM: u64 = 1 << 48;
+/// Most teams one peer serves (or one certificate names).
+pub const MAX_TEAMS: usize = 16;
+/// Longest team name.
+pub const MAX_TEAM_LEN: usize = 32;
+
+/// Whether `t` is a team name: 1..=32 of `[A-Za-z0-9_-]`.
+pub fn is_team(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= MAX_TEAM_LEN
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}

@@ -361,6 +361,16 @@ impl Membership {
             self.rejected += 1;
             return;
         }
+        // In a keyed swarm a peer serves only the teams its certificate names:
+        // an advert claiming another is a forgery (an honest node trims its own).
+        if self.admission.is_some()
+            && a.teams
+                .iter()
+                .any(|t| !a.cert.as_ref().is_some_and(|c| c.teams.contains(t)))
+        {
+            self.rejected += 1;
+            return;
+        }
         let is_relevant = relevant(&a);
         // A second handle on the advert (no copy): the table takes the first.
         let held = a.clone();
@@ -720,6 +730,44 @@ mod tests {
             // Own adverts carry the certificate.
             let p = publishes(&m.handle(InEvent::Tick, 20));
             assert_eq!(p[0].cert.as_ref().map(|c| c.peer.as_str()), Some("me"));
+        }
+
+        #[test]
+        fn a_keyed_peer_serves_only_the_teams_its_certificate_names() {
+            let k = key(1);
+            let mut m = node(&k, "me", Role::Member, false);
+            let legal = k
+                .invite_to_teams(
+                    "l",
+                    Role::Member,
+                    1,
+                    WALL + 1_000_000_000,
+                    7,
+                    vec!["legal".into()],
+                )
+                .expect("invite");
+            let claim = |peer: &str, teams: &[&str], c: Certificate| {
+                let mut a = (*peer_advert(peer, 1, false)).clone();
+                a.teams = teams.iter().map(|t| t.to_string()).collect();
+                with_cert(a, c)
+            };
+            // A member whose certificate names no team claims one: refused.
+            m.handle(
+                InEvent::Advert(claim("x", &["legal"], cert(&k, "x", Role::Member))),
+                10,
+            );
+            // A legal member claims a second team: refused.
+            m.handle(InEvent::Advert(claim("l", &["legal", "hr"], legal.clone())), 10);
+            assert!(m.table().is_empty());
+            assert_eq!(m.rejected(), 2);
+            // Within its certificate: a member.
+            m.handle(InEvent::Advert(claim("l", &["legal"], legal.clone())), 10);
+            assert_eq!(m.table().len(), 1);
+            // The teams are signed: editing them breaks the certificate.
+            let mut forged = legal;
+            forged.teams.push("hr".into());
+            m.handle(InEvent::Advert(claim("l", &["legal", "hr"], forged)), 20);
+            assert_eq!(m.rejected(), 3);
         }
 
         #[test]

@@ -9,7 +9,7 @@ use thiserror::Error;
 /// Version carried in every codec envelope; a peer rejects other versions.
 pub const PROTOCOL_VERSION: u16 = 1;
 
-pub use crate::limits::{MAX_ADDRS, MAX_ADDR_LEN, MAX_PEER_ID_LEN, MAX_TERM};
+pub use crate::limits::{MAX_ADDRS, MAX_ADDR_LEN, MAX_PEER_ID_LEN, MAX_TEAMS, MAX_TEAM_LEN, MAX_TERM};
 /// Longest human-readable node name.
 pub const MAX_NAME_LEN: usize = 64;
 /// Longest software version string.
@@ -22,11 +22,6 @@ pub const MAX_MODEL_ID_LEN: usize = 64;
 pub const MAX_DOMAINS: usize = 8;
 /// Longest domain tag.
 pub const MAX_DOMAIN_LEN: usize = 32;
-/// Most teams one peer serves.
-pub const MAX_TEAMS: usize = 16;
-/// Longest team name.
-pub const MAX_TEAM_LEN: usize = 32;
-
 /// A team name: 1..=32 of `[A-Za-z0-9_-]`.
 pub fn check_team(field: &'static str, t: &str) -> Result<(), ValidationError> {
     if t.is_empty()
@@ -614,6 +609,9 @@ pub struct VoterRecord {
     pub confidence: f32,
     pub elapsed_ms: u32,
     pub error: Option<String>,
+    /// Which version of `model` answered, when the coordinator knows it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model_version: String,
 }
 
 impl Validate for VoterRecord {
@@ -622,6 +620,7 @@ impl Validate for VoterRecord {
         check_str("voter.model", &self.model, MAX_MODEL_ID_LEN)?;
         check_str("voter.answer", &self.answer, MAX_ANSWER_BYTES)?;
         check_f32("voter.confidence", self.confidence, 0.0, 1.0)?;
+        check_str("voter.model_version", &self.model_version, MAX_VERSION_LEN)?;
         if let Some(e) = &self.error {
             check_str("voter.error", e, MAX_ERROR_LEN)?;
         }

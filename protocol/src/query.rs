@@ -316,6 +316,7 @@ impl Coordinator {
             confidence: a.confidence.clamp(0.0, 1.0),
             elapsed_ms: a.elapsed_ms,
             error,
+            model_version: String::new(),
         }
     }
 
@@ -414,6 +415,7 @@ impl Coordinator {
             confidence: 0.0,
             elapsed_ms: 0,
             error: Some(reason),
+            model_version: String::new(),
         });
     }
 
@@ -432,6 +434,7 @@ impl Coordinator {
                         confidence: a.confidence.clamp(0.0, 1.0),
                         elapsed_ms: a.elapsed_ms,
                         error: None,
+                        model_version: String::new(),
                     });
                     self.valid.insert(peer, (a.text, a.confidence, a.model, n));
                 }
@@ -462,6 +465,7 @@ impl Coordinator {
                     confidence: 0.0,
                     elapsed_ms: 0,
                     error: Some("not needed: the vote was already decided".into()),
+                    model_version: String::new(),
                 });
             }
         }

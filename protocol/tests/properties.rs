@@ -261,6 +261,7 @@ fn escalate_request() -> impl Strategy<Value = EscalateRequest> {
             confidence,
             elapsed_ms: 10,
             error,
+            model_version: String::new(),
         });
     (any::<u64>(), messages(), task(), 1..=MAX_TOKENS, vec(voter, 0..5)).prop_map(
         |(id, messages, task, max_tokens, swarm_answers)| EscalateRequest {
@@ -477,6 +478,7 @@ fn examples() -> Vec<(&'static str, Vec<u8>)> {
                     confidence: 0.5,
                     elapsed_ms: 100,
                     error: Some("late".into()),
+                    model_version: String::new(),
                 }],
                 deadline_ms: 9_000,
             })),

@@ -102,10 +102,14 @@ pub(crate) struct InviteArgs {
     /// or a bare number of milliseconds.
     #[arg(long, value_name = "DURATION", default_value = "365d", value_parser = parse_duration_ms)]
     pub valid_for: u64,
+    /// Admit the peer to this team (repeatable): in a keyed swarm a node
+    /// serves only the teams of `[teams] serve` its certificate names.
+    #[arg(long = "team", value_name = "TEAM")]
+    pub teams: Vec<String>,
     /// Write the certificate to this file (mode 0600) instead of printing it.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
-    /// Print JSON: {"certificate", "serial", "peer", "role", "expires_ms", "swarm_id"}.
+    /// Print JSON: {"certificate", "serial", "peer", "role", "expires_ms", "swarm_id", "teams"}.
     #[arg(long)]
     pub json: bool,
 }
@@ -233,7 +237,13 @@ fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
 fn invite(a: InviteArgs) -> anyhow::Result<ExitCode> {
     check_peer(&a.peer)?;
     let sd = open_dir(&a.dir.dir)?;
-    let cert = sd.invite(a.peer.trim(), a.role.into(), now_ms()?, a.valid_for)?;
+    let cert = sd.invite_to_teams(
+        a.peer.trim(),
+        a.role.into(),
+        now_ms()?,
+        a.valid_for,
+        a.teams.clone(),
+    )?;
     let text = cert.to_text();
     if let Some(out) = &a.out {
         write_new_private(out, &format!("{text}\n"))?;
@@ -244,6 +254,7 @@ fn invite(a: InviteArgs) -> anyhow::Result<ExitCode> {
             "serial": cert.serial,
             "peer": cert.peer,
             "role": cert.role.as_str(),
+            "teams": cert.teams,
             "issued_ms": cert.issued_ms,
             "expires_ms": cert.expires_ms,
             "swarm_id": cert.swarm.to_string(),

@@ -232,7 +232,7 @@ impl Router {
                 .map(|v| SwarmAnswer {
                     peer: v.peer.clone(),
                     model: v.model.clone(),
-                    model_version: String::new(),
+                    model_version: v.model_version.clone(),
                     answer: Some(v.answer.clone()),
                     confidence: Some(v.confidence),
                     error: v.error.clone(),

@@ -417,8 +417,14 @@ impl Router {
                     };
                     pending.extend(coord.handle(InEvent::Embeddings(vectors)));
                 }
-                OutEvent::Escalate(records) => {
+                OutEvent::Escalate(mut records) => {
                     cloud_tried = true;
+                    // The gateway logs which version of each model answered.
+                    for r in &mut records {
+                        if let Some(v) = voters.iter().find(|v| v.peer == r.peer && v.model == r.model) {
+                            r.model_version = v.model_version.clone();
+                        }
+                    }
                     let relay = relay_cloud.then_some(&cloud_tokens);
                     let r = match self.escalate(query_id, &req, &task, records, relay).await {
                         Ok(r) => r,
