@@ -86,6 +86,8 @@ fuzz_target!(|bytes: &[u8]| {
             stop: req.params.stop,
             logprobs: req.params.top_logprobs > 0,
             deadline_ms: 1_000,
+            task: None,
+            team: None,
         },
     );
 });

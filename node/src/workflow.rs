@@ -51,9 +51,8 @@ pub struct WorkflowRequest {
     /// What `{{input}}` stands for.
     pub input: String,
     pub steps: Vec<Step>,
-    /// The team the workflow runs for. Teams are to scope which peers and
-    /// models a workflow may use; the name is checked, echoed in the response,
-    /// and does not yet narrow the choice of peers.
+    /// The team the workflow runs for: every step goes only to the team's
+    /// peers (and to the cloud only if the team's policy allows it).
     #[serde(default)]
     pub team: Option<String>,
     /// Applies to every step (the chat endpoint's `swarm.privacy`).
@@ -99,7 +98,7 @@ pub enum WorkflowError {
     StepCount(usize),
     #[error("input is {0} bytes, at most {MAX_INPUT_BYTES}")]
     InputTooLarge(usize),
-    #[error("team must be 1..={MAX_SHORT} bytes")]
+    #[error("team must be 1..=32 of [A-Za-z0-9_-]")]
     BadTeam,
     #[error("steps[{index}].name `{name}`: 1..={MAX_NAME_LEN} characters of A-Z, a-z, 0-9, `_` and `-`")]
     BadName { index: usize, name: String },
@@ -333,7 +332,11 @@ impl WorkflowRequest {
         if self.input.len() > MAX_INPUT_BYTES {
             return Err(WorkflowError::InputTooLarge(self.input.len()));
         }
-        if self.team.as_deref().is_some_and(|t| !short_ok(t)) {
+        if self
+            .team
+            .as_deref()
+            .is_some_and(|t| swarm_protocol::check_team("team", t).is_err())
+        {
             return Err(WorkflowError::BadTeam);
         }
         for (index, s) in self.steps.iter().enumerate() {
@@ -420,12 +423,19 @@ impl WorkflowRequest {
 /// The model for `domain`: among this node's cards and its peers' adverts,
 /// the fastest (advertised decode speed) whose card lists the domain; on a
 /// tie this node's (no network hop), then the smaller id (a stable choice).
-pub fn model_for_domain(domain: &str, mine: &[ModelCard], view: &SwarmView) -> Option<String> {
+/// With a `team`, only the team's peers count.
+pub fn model_for_domain(
+    domain: &str,
+    mine: &[ModelCard],
+    view: &SwarmView,
+    team: Option<&str>,
+) -> Option<String> {
     let has = |c: &ModelCard| c.domains.iter().any(|d| d.eq_ignore_ascii_case(domain));
     let ours = mine.iter().filter(|c| has(c)).map(|c| (c, true));
     let theirs = view
         .peers
         .iter()
+        .filter(|p| Router::serves_team(&p.advert, team))
         .flat_map(|p| p.advert.models.iter())
         .filter(|c| has(c))
         .map(|c| (c, false));
@@ -449,14 +459,12 @@ impl Plan {
             .iter()
             .map(|s| match (&s.model, &s.domain) {
                 (Some(m), _) => Ok(Some(m.clone())),
-                (None, Some(d)) => {
-                    model_for_domain(d, &mine, &view)
-                        .map(Some)
-                        .ok_or_else(|| WorkflowError::NoDomain {
-                            step: s.name.clone(),
-                            domain: d.clone(),
-                        })
-                }
+                (None, Some(d)) => model_for_domain(d, &mine, &view, self.team.as_deref())
+                    .map(Some)
+                    .ok_or_else(|| WorkflowError::NoDomain {
+                        step: s.name.clone(),
+                        domain: d.clone(),
+                    }),
                 (None, None) => Ok(None),
             })
             .collect()

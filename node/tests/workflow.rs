@@ -271,6 +271,22 @@ async fn a_domain_step_goes_to_the_peer_whose_model_card_has_it() {
     );
     assert_eq!(calls(&counters), vec![1, 0, 1]);
 
+    // A constrained step forwarded to the peer is answered there as a label
+    // (its options scored), not as free text.
+    let body = json!({
+        "input": "The tenant rents the flat: it is a lease.",
+        "steps": [
+            {"name": "kind", "task": "label", "labels": ["sale", "lease"],
+             "input": "Classify: {{input}}", "domain": "legal"},
+        ],
+    });
+    let (status, v) = post(&url, &body).await;
+    assert_eq!(status, 200, "{v}");
+    let kind = &v["steps"][0];
+    assert_eq!(kind["output"], "lease", "{kind}");
+    assert_eq!(kind["provenance"]["route"], "forward", "{kind}");
+    assert_eq!(calls(&counters), vec![1, 0, 2]);
+
     // A domain nobody serves fails before any step runs, naming the step.
     let body = json!({
         "input": "x",
@@ -283,7 +299,7 @@ async fn a_domain_step_goes_to_the_peer_whose_model_card_has_it() {
     assert_eq!(status, 503, "{v}");
     let msg = v["error"]["message"].as_str().unwrap_or("");
     assert!(msg.contains("diagnose") && msg.contains("medical"), "{msg}");
-    assert_eq!(calls(&counters), vec![1, 0, 1], "nothing ran");
+    assert_eq!(calls(&counters), vec![1, 0, 2], "nothing ran");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -271,6 +271,8 @@ mod tests {
             stop: vec!["\n\n".into()],
             logprobs: true,
             deadline_ms: 10_000,
+            task: None,
+            team: None,
         }
     }
 

@@ -540,6 +540,13 @@ pub struct QueryRequest {
     pub stop: Vec<String>,
     pub logprobs: bool,
     pub deadline_ms: u32,
+    /// The query's task: a constrained one (mcq, label) is answered by scoring
+    /// its options, as the coordinator would locally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<Task>,
+    /// The query's team: a peer that does not serve it refuses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -573,6 +580,12 @@ impl Validate for QueryRequest {
         check_count("stop", self.stop.len(), MAX_STOP)?;
         for s in &self.stop {
             check_id("stop[]", s, MAX_STOP_LEN)?;
+        }
+        if let Some(t) = &self.task {
+            t.validate()?;
+        }
+        if let Some(t) = &self.team {
+            check_team("team", t)?;
         }
         check_deadline(self.deadline_ms)
     }
@@ -853,6 +866,8 @@ mod tests {
             stop: vec![],
             logprobs: true,
             deadline_ms: 1000,
+            task: None,
+            team: None,
         };
         assert_eq!(req.validate(), Ok(()));
         req.deadline_ms = 0;

@@ -214,6 +214,8 @@ fn query_request() -> impl Strategy<Value = QueryRequest> {
                 stop,
                 logprobs,
                 deadline_ms: 5_000,
+                task: None,
+                team: None,
             },
         )
 }
@@ -445,6 +447,8 @@ fn examples() -> Vec<(&'static str, Vec<u8>)> {
                 stop: vec!["\n".into()],
                 logprobs: true,
                 deadline_ms: 2_000,
+                task: None,
+                team: None,
             })),
         ),
         (

@@ -260,6 +260,8 @@ fn a_keyed_swarm_serves_members_and_refuses_outsiders() {
                     stop: Vec::new(),
                     logprobs: false,
                     deadline_ms: 10_000,
+                    task: None,
+                    team: None,
                 },
                 t,
             )

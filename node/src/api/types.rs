@@ -389,6 +389,8 @@ mod tests {
                 stop: req.params.stop,
                 logprobs: req.params.top_logprobs > 0,
                 deadline_ms: 1_000,
+                task: None,
+                team: None,
             },
         )
     }

@@ -122,6 +122,8 @@ impl Router {
                 stop: req.params.stop.clone(),
                 logprobs: req.params.top_logprobs > 0,
                 deadline_ms: wire_deadline(left),
+                task: Some(task.clone()),
+                team: req.ext.team.clone(),
             };
             match self.p.net.query(peer, q, left).await {
                 Ok(QueryReply::Ok(r)) => {

@@ -125,7 +125,7 @@ impl Router {
 
     /// Whether a peer's advert says it serves the request's team (every peer
     /// serves a request without one).
-    pub(crate) fn serves_team(advert: &swarm_protocol::Advert, team: Option<&str>) -> bool {
+    pub fn serves_team(advert: &swarm_protocol::Advert, team: Option<&str>) -> bool {
         team.is_none_or(|t| advert.teams.iter().any(|x| x == t))
     }
 

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use libp2p::PeerId;
 use swarm_protocol::{
     clip_owned, ErrorCode, EscalateFrame, EscalateReply, EscalateRequest, QueryReply, QueryRequest,
-    QueryResponse, VoteReply, VoteRequest, VoteResponse,
+    QueryResponse, Task, VoteReply, VoteRequest, VoteResponse,
 };
 use tracing::Instrument;
 
@@ -116,9 +116,40 @@ impl Router {
             ));
         };
         tracing::debug!(%peer, "forwarded query");
+        if let Some(t) = &req.team {
+            if !self.p.teams.serves(t) {
+                tracing::warn!(%peer, team = %t, "forwarded query for a team this node does not serve, refused");
+                return QueryReply::Err(wire_err(
+                    ErrorCode::Unauthorized,
+                    "this node does not serve that team",
+                ));
+            }
+        }
         let model = &model.for_peer(&peer.to_string());
         let t0 = Instant::now();
         let deadline = Instant::now() + Duration::from_millis(u64::from(req.deadline_ms));
+        // A constrained task is answered as the coordinator would: by scoring its options.
+        if let Some(task @ (Task::Mcq { .. } | Task::Label { .. })) = &req.task {
+            let params = ChatParams::greedy(req.max_tokens.min(self.p.max_tokens_limit));
+            return match self
+                .answer_locally(model, &req.messages, task, &params, deadline, None)
+                .await
+            {
+                Ok(a) => QueryReply::Ok(QueryResponse {
+                    id: req.id,
+                    text: clip_owned(a.text, swarm_protocol::MAX_TEXT_BYTES),
+                    model: req.model.clone(),
+                    confidence: a.confidence.clamp(0.0, 1.0),
+                    mean_logprob: a.raw_confidence.clamp(1e-9, 1.0).ln(),
+                    min_prob: a.raw_confidence.clamp(0.0, 1.0),
+                    prompt_tokens: a.prompt_tokens,
+                    completion_tokens: a.completion_tokens,
+                    finish_reason: a.finish_reason,
+                    elapsed_ms: a.elapsed_ms.min(u64::from(u32::MAX)) as u32,
+                }),
+                Err(e) => QueryReply::Err(wire_from_inference(&e)),
+            };
+        }
         let params = ChatParams {
             max_tokens: req.max_tokens.min(self.p.max_tokens_limit),
             temperature: req.temperature,
