@@ -357,6 +357,17 @@ impl NodeConfig {
                 swarm_protocol::MAX_TEAMS
             ));
         }
+        // Loading model files on request is an operator's power: behind a key,
+        // or reachable from this machine only.
+        let loopback = ["127.", "localhost:", "[::1]:"]
+            .iter()
+            .any(|p| self.http.starts_with(p));
+        if self.gate.hot_swap && self.api.api_key_env.is_empty() && !loopback {
+            return bad(format!(
+                "[gate] hot_swap on an API reachable from other machines (http = {}) needs [api] api_key_env",
+                self.http
+            ));
+        }
         for (kind, bar) in &self.gate.min_accuracy {
             if !["mcq", "label", "short", "free"].contains(&kind.as_str()) || !(0.0..=1.0).contains(bar) {
                 return bad(format!(
@@ -562,6 +573,9 @@ mod tests {
             ("[routing]\ntau_local = 1.5", "tau_local"),
             ("[cloud]\nbase_url = \"ftp://x\"\nmodel = \"m\"", "base_url"),
             ("unknown_key = 1", "unknown"),
+            ("http = \"0.0.0.0:8080\"\n[gate]\nhot_swap = true", "hot_swap"),
+            ("[gate]\nmin_accuracy = { mcq = 1.5 }", "min_accuracy"),
+            ("[teams]\nserve = [\"a b\"]", "team"),
         ] {
             let e = NodeConfig::parse(text).expect_err(text).to_string();
             assert!(e.contains(key), "{text}: {e}");
