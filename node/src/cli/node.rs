@@ -337,6 +337,9 @@ pub(crate) struct QueryArgs {
     /// Privacy: device, swarm or cloud (default: the node's).
     #[arg(long)]
     pub privacy: Option<String>,
+    /// The query's team: only peers serving it see the query.
+    #[arg(long)]
+    pub team: Option<String>,
     /// Most tokens to generate.
     #[arg(long)]
     pub max_tokens: Option<u32>,
@@ -389,6 +392,9 @@ pub(super) fn query(a: QueryArgs) -> anyhow::Result<ExitCode> {
         let mut swarm = json!({"route": a.route});
         if let Some(p) = &a.privacy {
             swarm["privacy"] = json!(p);
+        }
+        if let Some(t) = &a.team {
+            swarm["team"] = json!(t);
         }
         // --json prints the one whole response, so it does not stream.
         let stream = !a.no_stream && !a.json;
