@@ -369,9 +369,9 @@ impl NodeConfig {
             ));
         }
         for (kind, bar) in &self.gate.min_accuracy {
-            if !["mcq", "label", "short", "free"].contains(&kind.as_str()) || !(0.0..=1.0).contains(bar) {
+            if !["mcq", "label", "short"].contains(&kind.as_str()) || !(0.0..=1.0).contains(bar) {
                 return bad(format!(
-                    "[gate] min_accuracy.{kind} = {bar}: a task kind (mcq, label, short, free) and a value in 0..=1"
+                    "[gate] min_accuracy.{kind} = {bar}: a task kind an eval file can gate (mcq, label, short) and a value in 0..=1"
                 ));
             }
         }
