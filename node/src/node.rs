@@ -124,6 +124,21 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// What `Node::start` needs.
 /// One in-process node of a memory swarm: its config, models and cloud access.
+/// A node config for in-process test swarms: fast adverts, no embedder
+/// download (rules-only safety, exact free-text votes), a quorum of one.
+#[cfg(any(test, feature = "testing"))]
+pub fn memory_test_config(name: &str, namespace: &str) -> NodeConfig {
+    let mut cfg = NodeConfig {
+        name: name.to_string(),
+        namespace: namespace.to_string(),
+        advert_interval_ms: 200,
+        ..NodeConfig::default()
+    };
+    cfg.routing.embedder = String::new();
+    cfg.routing.quorum = 1;
+    cfg
+}
+
 #[cfg(any(test, feature = "testing"))]
 pub type MemoryNode = (NodeConfig, Vec<Box<dyn Backend>>, Option<CloudClient>);
 
@@ -159,6 +174,8 @@ pub struct NodeInner {
     pub admission: Option<AdmissionSetup>,
     /// This node's identity key: signs its gate records.
     pub(crate) signer: Keypair,
+    /// Held while a model swap loads and gates (one at a time).
+    pub(crate) swapping: tokio::sync::Mutex<()>,
     view: watch::Receiver<Arc<SwarmView>>,
     shutdown_tx: watch::Sender<bool>,
     _identity_lock: Option<std::fs::File>,
@@ -355,6 +372,7 @@ impl Node {
             cloud_client,
             admission,
             signer,
+            swapping: tokio::sync::Mutex::new(()),
             view,
             shutdown_tx,
             _identity_lock: opts.identity_lock,

@@ -28,16 +28,7 @@ use swarm_node::router::{ChatParams, ChatRequest, SwarmExt};
 use swarm_protocol::{Privacy, RouteOverride, Task};
 
 fn cfg(ns: &str, i: usize) -> NodeConfig {
-    let mut cfg = NodeConfig {
-        name: format!("l{i}"),
-        namespace: ns.to_string(),
-        advert_interval_ms: 200,
-        ..NodeConfig::default()
-    };
-    // No embedder download here: rules-only safety, exact free-text votes.
-    cfg.routing.embedder = String::new();
-    cfg.routing.quorum = 1;
-    cfg
+    swarm_node::node::memory_test_config(&format!("l{i}"), ns)
 }
 
 /// A cloud stand-in answering every chat with `text`.

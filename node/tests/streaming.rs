@@ -82,16 +82,7 @@ impl Backend for GatedBackend {
 }
 
 fn cfg(ns: &str, i: usize) -> NodeConfig {
-    let mut cfg = NodeConfig {
-        name: format!("s{i}"),
-        namespace: ns.to_string(),
-        advert_interval_ms: 200,
-        ..NodeConfig::default()
-    };
-    // No embedder download in this test: rules-only safety, exact free-text votes.
-    cfg.routing.embedder = String::new();
-    cfg.routing.quorum = 1;
-    cfg
+    swarm_node::node::memory_test_config(&format!("s{i}"), ns)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

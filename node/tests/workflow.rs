@@ -118,16 +118,7 @@ impl Backend for EchoBackend {
 }
 
 fn cfg(ns: &str, i: usize) -> NodeConfig {
-    let mut cfg = NodeConfig {
-        name: format!("w{i}"),
-        namespace: ns.to_string(),
-        advert_interval_ms: 200,
-        ..NodeConfig::default()
-    };
-    // No embedder download in this test: rules-only safety, exact free-text votes.
-    cfg.routing.embedder = String::new();
-    cfg.routing.quorum = 1;
-    cfg
+    swarm_node::node::memory_test_config(&format!("w{i}"), ns)
 }
 
 /// A swarm of one node per `(model id, domain)`, each model with its call counter.

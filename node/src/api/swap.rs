@@ -66,6 +66,14 @@ pub(super) async fn swap(
             "model swaps are off on this node: set `[gate] hot_swap = true` (and protect the API with `[api] api_key_env`)",
         ));
     }
+    // One swap at a time: each loads a whole model, and a burst of them would
+    // hold several in memory at once.
+    let Ok(_one) = node.swapping.try_lock() else {
+        return Err(status(
+            StatusCode::CONFLICT,
+            "another model swap is in progress on this node; retry when it has finished",
+        ));
+    };
     let id = req
         .id
         .clone()

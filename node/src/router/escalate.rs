@@ -179,24 +179,14 @@ impl Router {
             return;
         }
         log.record(&Record {
-            ts_ms: crate::swarm::membership::wall_ms(),
+            ts_ms: crate::clock::wall_ms(),
             query_id,
             recorded_by: self.me().to_string(),
             role: "coordinator".into(),
             origin: self.me().to_string(),
             task: task.clone(),
             messages: req.messages.clone(),
-            swarm: voters
-                .iter()
-                .map(|v| SwarmAnswer {
-                    peer: v.peer.clone(),
-                    model: v.model.clone(),
-                    model_version: v.model_version.clone(),
-                    answer: v.answer.clone(),
-                    confidence: v.confidence,
-                    error: v.error.clone(),
-                })
-                .collect(),
+            swarm: voters.iter().map(SwarmAnswer::from).collect(),
             cloud: CloudRecord {
                 model: cloud.model.clone(),
                 text: cloud.text.clone(),
@@ -213,31 +203,21 @@ impl Router {
     }
 
     /// Gateway side: log a peer's escalation the cloud answered. Only `cloud`
-    /// privacy is ever escalated, so no further check is needed here.
+    /// privacy is ever escalated, so no further check is needed here; the
+    /// request carries no signals.
     pub(super) fn record_served_escalation(&self, origin: &str, req: &EscalateRequest, r: &EscalateResponse) {
         let Some(log) = &self.p.dataset else {
             return;
         };
         log.record(&Record {
-            ts_ms: crate::swarm::membership::wall_ms(),
+            ts_ms: crate::clock::wall_ms(),
             query_id: req.id,
             recorded_by: self.me().to_string(),
             role: "gateway".into(),
             origin: origin.to_string(),
             task: req.task.clone(),
             messages: req.messages.clone(),
-            swarm: req
-                .swarm_answers
-                .iter()
-                .map(|v| SwarmAnswer {
-                    peer: v.peer.clone(),
-                    model: v.model.clone(),
-                    model_version: v.model_version.clone(),
-                    answer: Some(v.answer.clone()),
-                    confidence: Some(v.confidence),
-                    error: v.error.clone(),
-                })
-                .collect(),
+            swarm: req.swarm_answers.iter().map(SwarmAnswer::from).collect(),
             cloud: CloudRecord {
                 model: r.model.clone(),
                 text: r.text.clone(),
@@ -246,6 +226,32 @@ impl Router {
             },
             signals: Signals::default(),
         });
+    }
+}
+
+impl From<&super::VoterView> for SwarmAnswer {
+    fn from(v: &super::VoterView) -> Self {
+        SwarmAnswer {
+            peer: v.peer.clone(),
+            model: v.model.clone(),
+            model_version: v.model_version.clone(),
+            answer: v.answer.clone(),
+            confidence: v.confidence,
+            error: v.error.clone(),
+        }
+    }
+}
+
+impl From<&VoterRecord> for SwarmAnswer {
+    fn from(v: &VoterRecord) -> Self {
+        SwarmAnswer {
+            peer: v.peer.clone(),
+            model: v.model.clone(),
+            model_version: v.model_version.clone(),
+            answer: Some(v.answer.clone()),
+            confidence: Some(v.confidence),
+            error: v.error.clone(),
+        }
     }
 }
 

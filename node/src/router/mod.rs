@@ -95,7 +95,7 @@ pub enum Target {
 impl Router {
     pub fn new(p: RouterParts) -> Self {
         // Seeded from the wall clock so ids stay unique across restarts.
-        let seed = crate::swarm::membership::wall_ms() << 16;
+        let seed = crate::clock::wall_ms() << 16;
         Router {
             p: Arc::new(p),
             next_id: Arc::new(AtomicU64::new(seed)),
